@@ -1,0 +1,166 @@
+"""The one place that loads Hugging Face models and tokenizers, and finds their inner parameters."""
+
+from __future__ import annotations
+
+import difflib
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+log = logging.getLogger(__name__)
+
+def resolve_model_path(name_or_path: str) -> str:
+    """Map a model name to something ``from_pretrained`` loads.
+
+    ``"tinyfacts"`` and ``"tinyfacts-llama"`` are the embedded default world's tiny GPT-2 and
+    LLaMA models: they are built (about a minute) and cached on first use. Anything else is passed
+    through (a local directory or a hub name).
+
+    Args:
+        name_or_path: ``"tinyfacts"``, ``"tinyfacts-llama"``, a directory or a hub model name.
+
+    Returns:
+        A local path or hub name.
+    """
+    if name_or_path.startswith("tinyfacts") and not Path(name_or_path).exists():
+        from lit_edit.world import resolve_tinyfacts
+
+        return str(resolve_tinyfacts(name_or_path))
+    return name_or_path
+
+
+def load_tokenizer(
+    name_or_path: str, *, trust_remote_code: bool = False, revision: str | None = None
+) -> PreTrainedTokenizerBase:
+    """Load a tokenizer and apply the pad-token policy.
+
+    Pad-token policy: a tokenizer without a pad token gets its EOS token as pad token (the field's
+    convention for GPT-2 and LLaMA). Padding side is never relied upon: every collate function and
+    the scorer take it as an explicit argument.
+
+    Args:
+        name_or_path: Model name or path (see :func:`resolve_model_path`).
+        trust_remote_code: Allow code from the model repository to run (off by default).
+        revision: Hub revision to pin.
+
+    Returns:
+        The tokenizer.
+    """
+    path = resolve_model_path(name_or_path)
+    tokenizer = AutoTokenizer.from_pretrained(
+        path, trust_remote_code=trust_remote_code, revision=revision
+    )
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ValueError(f"tokenizer of {name_or_path!r} has neither a pad nor an EOS token")
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_causal_lm(
+    name_or_path: str,
+    *,
+    dtype: str = "float32",
+    trust_remote_code: bool = False,
+    revision: str | None = None,
+) -> PreTrainedModel:
+    """Load a causal language model in eval mode.
+
+    Weights are loaded from safetensors only (no pickle); remote code is refused unless
+    ``trust_remote_code`` is set.
+
+    Args:
+        name_or_path: Model name or path (see :func:`resolve_model_path`).
+        dtype: ``"float32"``, ``"bfloat16"`` or ``"float16"``.
+        trust_remote_code: Allow code from the model repository to run (off by default).
+        revision: Hub revision to pin.
+
+    Returns:
+        The model, in eval mode.
+    """
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if dtype not in dtypes:
+        raise ValueError(f"dtype must be one of {sorted(dtypes)}, got {dtype!r}")
+    path = resolve_model_path(name_or_path)
+    model = AutoModelForCausalLM.from_pretrained(
+        path,
+        dtype=dtypes[dtype],
+        trust_remote_code=trust_remote_code,
+        revision=revision,
+        use_safetensors=True,
+    )
+    model.eval()
+    return model
+
+
+def find_parameter(model: nn.Module, name: str) -> nn.Parameter:
+    """Return the parameter called ``name``, or fail listing the closest names.
+
+    Args:
+        model: The model.
+        name: Full parameter name, e.g. ``"transformer.h.1.mlp.c_fc.weight"``.
+
+    Raises:
+        KeyError: naming the missing parameter and its closest matches.
+    """
+    params = dict(model.named_parameters())
+    if name in params:
+        return params[name]
+    close = difflib.get_close_matches(name, list(params), n=5, cutoff=0.5)
+    hint = f"; closest matches: {', '.join(close)}" if close else ""
+    raise KeyError(
+        f"no parameter named {name!r} in {type(model).__name__} ({len(params)} parameters){hint}"
+    )
+
+
+def find_module(model: nn.Module, name: str) -> nn.Module:
+    """Return the submodule called ``name``, or fail listing the closest names.
+
+    Args:
+        model: The model.
+        name: Dotted module path, e.g. ``"transformer.h.1.mlp.c_fc"``.
+
+    Raises:
+        KeyError: naming the missing module and its closest matches.
+    """
+    modules = dict(model.named_modules())
+    if name in modules:
+        return modules[name]
+    close = difflib.get_close_matches(name, list(modules), n=5, cutoff=0.5)
+    hint = f"; closest matches: {', '.join(close)}" if close else ""
+    raise KeyError(f"no module named {name!r} in {type(model).__name__}{hint}")
+
+
+def mlp_parameter_names(model: nn.Module, layers: list[int] | None = None) -> list[str]:
+    """Names of the MLP weight matrices of the given blocks (GPT-2 and LLaMA layouts).
+
+    Args:
+        model: A ``GPT2LMHeadModel``- or ``LlamaForCausalLM``-like model.
+        layers: Block indices (negative counts from the end); defaults to all blocks.
+
+    Returns:
+        E.g. ``["transformer.h.1.mlp.c_fc.weight", "transformer.h.1.mlp.c_proj.weight"]``.
+
+    Raises:
+        ValueError: for an architecture whose MLP layout is not known.
+    """
+    names = [n for n, _ in model.named_parameters()]
+    if any(".mlp.c_fc.weight" in n for n in names):
+        prefix, parts = "transformer.h.{}.mlp.", ("c_fc", "c_proj")
+    elif any(".mlp.gate_proj.weight" in n for n in names):
+        prefix, parts = "model.layers.{}.mlp.", ("gate_proj", "up_proj", "down_proj")
+    else:
+        raise ValueError(
+            f"unknown MLP layout for {type(model).__name__}: name the parameters explicitly"
+        )
+    n_layers = model.config.num_hidden_layers
+    chosen = range(n_layers) if layers is None else [i % n_layers for i in layers]
+    return [prefix.format(i) + p + ".weight" for i in chosen for p in parts]

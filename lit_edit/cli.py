@@ -1,0 +1,72 @@
+"""Command-line entry points ``train.py`` and ``evaluate.py``, on LightningCLI.
+
+``train.py`` runs LightningCLI ``fit``/``validate``/``test``; ``evaluate.py`` runs ``test``.
+Both use subclass mode: the editor class, the data and the evaluation settings come from YAML
+configs (``configs/<method>/<dataset>.yaml``).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.core import LightningDataModule
+
+from lit_edit.evaluation import Evaluation
+from lit_edit.methods.base import EditorModule
+
+
+class LitEditCLI(LightningCLI):
+    """LightningCLI for editors: any :class:`EditorModule` subclass and any DataModule.
+
+    It adds the top-level ``evaluation`` settings (protocol, scorer, metrics, results folder)
+    used by ``test``.
+
+    Args:
+        args: Command-line arguments (``None`` reads ``sys.argv``).
+        **kwargs: Passed to :class:`~lightning.pytorch.cli.LightningCLI`.
+    """
+
+    def __init__(self, args: Sequence[str] | None = None, **kwargs: object) -> None:
+        kwargs.setdefault("subclass_mode_model", True)
+        kwargs.setdefault("subclass_mode_data", True)
+        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        super().__init__(EditorModule, LightningDataModule, args=args, **kwargs)
+
+    def add_arguments_to_parser(self, parser) -> None:  # noqa: ANN001 (jsonargparse parser)
+        """Add the top-level ``evaluation`` group (see :class:`~lit_edit.evaluation.Evaluation`)."""
+        parser.add_class_arguments(Evaluation, "evaluation")
+
+    def after_instantiate_classes(self) -> None:
+        """Hand the evaluation settings to the editor."""
+        config = self.config_init[self.subcommand] if self.subcommand else self.config_init
+        self.model.evaluation = config["evaluation"]
+
+
+def train_main(args: Sequence[str] | None = None) -> LitEditCLI:
+    """``train.py``: ``fit`` (train an editor), ``validate`` or ``test`` from a config.
+
+    Args:
+        args: Arguments after the program name, e.g.
+            ``["fit", "--config", "configs/mend/tinyfacts.yaml"]``.
+
+    Returns:
+        The CLI object (its ``trainer``, ``model`` and ``datamodule`` after the run).
+    """
+    return LitEditCLI(args=list(sys.argv[1:] if args is None else args))
+
+
+def evaluate_main(args: Sequence[str] | None = None) -> LitEditCLI:
+    """``evaluate.py``: run an editing protocol (LightningCLI ``test``) and write the results.
+
+    Args:
+        args: Arguments after the program name, e.g.
+            ``["--config", "configs/ft/tinyfacts.yaml"]`` (add ``--ckpt_path`` for a trained
+            editor).
+
+    Returns:
+        The CLI object.
+    """
+    argv = list(sys.argv[1:] if args is None else args)
+    return LitEditCLI(args=["test", *argv])

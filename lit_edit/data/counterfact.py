@@ -1,0 +1,131 @@
+"""CounterFact in its two record formats: EasyEdit's flat one and ROME's original one."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from lit_edit.data.base import RecordReader
+from lit_edit.data.fields import RawRecord
+from lit_edit.records import EditRecord, QAPair, RecordError
+
+
+class CounterFactReader(RecordReader):
+    """CounterFact, flat EasyEdit format (``counterfact-{train,val,edit}.json``).
+
+    Fields ``{case_id, prompt, target_new, subject, ground_truth, rephrase_prompt,
+    locality_prompt, locality_ground_truth}``. Mapping: ``prompt``, ``target_new`` and
+    ``subject`` as is; ``ground_truth`` → ``ground_truth`` (normalised);
+    ``rephrase_prompt`` → ``rephrase_prompts = (rephrase_prompt,)``;
+    ``locality_prompt``/``locality_ground_truth`` → ``locality["neighborhood"]``;
+    ``case_id`` and any other field → ``meta`` verbatim.
+    """
+
+    format_name = "counterfact"
+    description = "CounterFact, flat EasyEdit format (prompt, target_new, ground_truth, locality_*)"
+
+    def matches(self, raw: Mapping[str, Any]) -> bool:
+        """Detect a flat record with a ``ground_truth`` and a ``locality_prompt``."""
+        keys = ("prompt", "target_new", "ground_truth", "locality_prompt")
+        return all(k in raw for k in keys) and "src" not in raw and "requested_rewrite" not in raw
+
+    def build(self, rec: RawRecord, source: str) -> EditRecord:
+        """Normalise one flat CounterFact record."""
+        prompt = rec.text("prompt")
+        target_new = rec.text("target_new")
+        subject = rec.text("subject")
+        rec.check_subject(subject, "subject", prompt, "prompt")
+        rephrase = rec.text("rephrase_prompt")
+        ground_truth = rec.answers("ground_truth")
+        neighborhood = rec.pair("locality_prompt", "locality_ground_truth")
+        consumed = (
+            "prompt",
+            "target_new",
+            "subject",
+            "rephrase_prompt",
+            "ground_truth",
+            "locality_prompt",
+            "locality_ground_truth",
+        )
+        return EditRecord(
+            prompt=prompt,
+            target_new=target_new,
+            ground_truth=ground_truth,
+            subject=subject,
+            rephrase_prompts=(rephrase,),
+            locality={"neighborhood": (neighborhood,)} if neighborhood is not None else {},
+            source=source,
+            index=rec.index,
+            meta=rec.extras(consumed),
+        )
+
+
+class RomeCounterFactReader(RecordReader):
+    """CounterFact, ROME format (``counterfact.json``, ``multi_counterfact.json``, ...).
+
+    Mapping (ROME ``dsets/counterfact.py``):
+
+    * ``requested_rewrite.prompt.format(subject)`` → ``prompt``;
+      ``requested_rewrite.subject`` → ``subject``;
+      ``requested_rewrite.target_new.str`` → ``target_new``;
+      ``requested_rewrite.target_true.str`` → ``ground_truth``;
+    * ``paraphrase_prompts`` → ``rephrase_prompts``;
+    * ``neighborhood_prompts`` → ``locality["neighborhood"]``, each answered with ``target_true``;
+    * ``generation_prompts`` → ``generation_prompts``;
+    * ``meta``: ``relation_id``, ``target_new_id``, ``target_true_id``, ``attribute_prompts``
+      (a list), and every other top-level field verbatim (``case_id``, ``pararel_idx``,
+      ``alternative_subject``, ...).
+    """
+
+    format_name = "counterfact_rome"
+    description = "CounterFact, ROME format (requested_rewrite, paraphrase/neighborhood prompts)"
+
+    def matches(self, raw: Mapping[str, Any]) -> bool:
+        """Detect ROME's ``requested_rewrite`` key."""
+        return "requested_rewrite" in raw
+
+    def build(self, rec: RawRecord, source: str) -> EditRecord:
+        """Normalise one ROME-format CounterFact record."""
+        rewrite = rec.child("requested_rewrite")
+        template = rewrite.text("prompt")
+        subject = rewrite.text("subject")
+        if template.count("{}") != 1:
+            raise RecordError(
+                rewrite.path("prompt"),
+                f"expected exactly one '{{}}' subject slot, got {template!r}",
+            )
+        prompt = template.replace("{}", subject)
+        new = rewrite.child("target_new")
+        true = rewrite.child("target_true")
+        target_new = new.text("str")
+        target_true = true.text("str")
+        neighborhood = tuple(QAPair(p, target_true) for p in rec.text_list("neighborhood_prompts"))
+        meta: dict[str, Any] = {
+            "relation_id": rewrite.raw.get("relation_id"),
+            "target_new_id": new.raw.get("id"),
+            "target_true_id": true.raw.get("id"),
+            "attribute_prompts": list(rec.text_list("attribute_prompts", required=False)),
+        }
+        meta.update(
+            rec.extras(
+                (
+                    "requested_rewrite",
+                    "paraphrase_prompts",
+                    "neighborhood_prompts",
+                    "attribute_prompts",
+                    "generation_prompts",
+                )
+            )
+        )
+        return EditRecord(
+            prompt=prompt,
+            target_new=target_new,
+            ground_truth=(target_true,),
+            subject=subject,
+            rephrase_prompts=rec.text_list("paraphrase_prompts"),
+            locality={"neighborhood": neighborhood} if neighborhood else {},
+            generation_prompts=rec.text_list("generation_prompts", required=False),
+            source=source,
+            index=rec.index,
+            meta=meta,
+        )

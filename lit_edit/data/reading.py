@@ -1,0 +1,248 @@
+"""Reading data files: JSON/JSONL decoding, format detection, validation, skip-and-report.
+
+Every error is a :class:`~lit_edit.records.DataFileError` naming the file, and when it concerns a
+record, the record's index and the source file's field name. With ``skip_invalid=True`` invalid
+records are left out, and each one is returned in :attr:`ReadResult.skipped` and logged.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Generic, TypeVar
+
+from lit_edit.data.base import BaseReader
+from lit_edit.data.detect import available_readers, detect_reader, reader_by_name, record_readers
+from lit_edit.data.fields import ReadNote, json_type
+from lit_edit.data.lte import ConversationPair, ConversationReader
+from lit_edit.records import DataFileError, EditRecord, RecordError
+
+T = TypeVar("T")
+
+
+@dataclass
+class ReadResult(Generic[T]):
+    """What reading one file gave.
+
+    Attributes:
+        path: The file.
+        format_name: The format it was read as (detected or forced).
+        records: The valid items, in file order (``EditRecord`` or ``ConversationPair``).
+        num_read: Number of raw records read successfully (a conversation may give several
+            pairs, so this can differ from ``len(records)``).
+        skipped: One error per invalid record left out (only with ``skip_invalid=True``).
+        notes: Empty optional values that were dropped from valid records.
+    """
+
+    path: str
+    format_name: str
+    records: list[T]
+    num_read: int
+    skipped: list[DataFileError] = field(default_factory=list)
+    notes: list[ReadNote] = field(default_factory=list)
+
+    @property
+    def skipped_indices(self) -> list[int]:
+        """Indices (in the file) of the records that were skipped as invalid."""
+        return [e.index for e in self.skipped if e.index is not None]
+
+
+def _kind(value: Any) -> str:
+    name = json_type(value)
+    return name if name == "null" else f"{'an' if name[0] in 'aeiou' else 'a'} {name}"
+
+
+def load_raw(path: str | Path) -> list[Any]:
+    """Decode a ``.json`` file (a list of records) or a ``.jsonl`` file (one record a line).
+
+    Blank lines of a JSONL file are ignored; the index of a record is its position among the
+    non-blank lines.
+
+    Args:
+        path: The file.
+
+    Returns:
+        The decoded records (not yet validated).
+
+    Raises:
+        DataFileError: if the file is missing or unreadable, is not valid JSON (the message gives
+            the line and column), or a ``.json`` file's top level is not a list.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise DataFileError(str(path), "no such file")
+    suffix = p.suffix.lower()
+    if suffix not in (".json", ".jsonl"):
+        raise DataFileError(str(path), f"unsupported extension {suffix!r}; use .json or .jsonl")
+    try:
+        text = p.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataFileError(str(path), f"cannot read the file as UTF-8 text: {e}") from e
+    if suffix == ".jsonl":
+        records: list[Any] = []
+        # split on "\n" only: JSON strings may legally hold U+2028 and friends
+        for lineno, line in enumerate(text.split("\n"), start=1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise DataFileError(
+                    str(path), f"line {lineno}, column {e.colno}: not valid JSON ({e.msg})"
+                ) from e
+        return records
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataFileError(
+            str(path), f"line {e.lineno}, column {e.colno}: not valid JSON ({e.msg})"
+        ) from e
+    if not isinstance(data, list):
+        raise DataFileError(
+            str(path), f"expected a JSON list of records at the top level, got {_kind(data)}"
+        )
+    return data
+
+
+def read_file(
+    path: str | Path,
+    format: str | None = None,
+    skip_invalid: bool = False,
+    readers: Sequence[BaseReader[Any]] | None = None,
+) -> ReadResult[Any]:
+    """Read, detect, validate and normalise one data file.
+
+    Args:
+        path: A ``.json`` or ``.jsonl`` file.
+        format: Force a format by name (e.g. ``"zsre"``); detected from the first JSON object
+            record's keys when ``None``.
+        skip_invalid: Leave invalid records out (reported in the result and logged) instead of
+            failing on the first one.
+        readers: Candidate readers (default: :func:`~lit_edit.data.detect.available_readers`).
+
+    Returns:
+        The items, the format, and what was skipped or dropped.
+
+    Raises:
+        DataFileError: for a file-level problem, an unknown or undetectable format, or (without
+            ``skip_invalid``) the first invalid record, naming its index and field.
+    """
+    source = str(path)
+    raws = load_raw(path)
+    if not raws:
+        raise DataFileError(source, "contains no records")
+    candidates = list(available_readers() if readers is None else readers)
+    if format is not None:
+        try:
+            reader = reader_by_name(format, candidates)
+        except ValueError as e:
+            raise DataFileError(source, str(e)) from e
+    else:
+        first = next((i for i, r in enumerate(raws) if isinstance(r, Mapping)), None)
+        if first is None:
+            raise DataFileError(source, "no record is a JSON object", index=0)
+        try:
+            reader = detect_reader(raws[first], candidates)
+        except ValueError as e:
+            raise DataFileError(source, _not_detected(raws[first], candidates, e), first) from e
+    result: ReadResult[Any] = ReadResult(source, reader.format_name, [], 0)
+    for index, raw in enumerate(raws):
+        record_notes: list[ReadNote] = []
+        try:
+            if not isinstance(raw, Mapping):
+                raise DataFileError(source, f"expected a JSON object, got {_kind(raw)}", index)
+            try:
+                items = reader.parse_items(raw, index, source, record_notes)
+            except RecordError as e:
+                raise DataFileError(source, e.message, index, e.field) from e
+        except DataFileError as error:
+            if not skip_invalid:
+                raise
+            result.skipped.append(error)
+            continue
+        result.records.extend(items)
+        result.notes.extend(record_notes)
+        result.num_read += 1
+    _log(result)
+    return result
+
+
+def _not_detected(
+    raw: Mapping[str, Any], candidates: Sequence[BaseReader[Any]], error: Exception
+) -> str:
+    """The detection error, saying which other known format the record has, if any."""
+    wanted = [r.format_name for r in candidates]
+    other = [r for r in available_readers() if r.format_name not in wanted and r.matches(raw)]
+    if not other:
+        return str(error)
+    return (
+        f"the records are in the {other[0].format_name!r} format ({other[0].description}), "
+        f"which is not read here (expected: {', '.join(wanted)})"
+    )
+
+
+def _where(error: DataFileError) -> str:
+    field = f", field '{error.field}'" if error.field is not None else ""
+    return f"record {error.index}{field}: {error.message}"
+
+
+def _log(result: ReadResult[Any]) -> None:
+    logger = logging.getLogger(__name__)
+    if result.skipped:
+        reasons = "; ".join(_where(e) for e in result.skipped[:5])
+        more = f" (and {len(result.skipped) - 5} more)" if len(result.skipped) > 5 else ""
+        logger.warning(
+            "%s: skipped %d invalid records: indices %s: %s%s",
+            result.path,
+            len(result.skipped),
+            result.skipped_indices,
+            reasons,
+            more,
+        )
+    if result.notes:
+        logger.warning(
+            "%s: dropped %d empty optional values in records %s (see ReadResult.notes)",
+            result.path,
+            len(result.notes),
+            sorted({n.index for n in result.notes}),
+        )
+
+
+def read_records(
+    path: str | Path, format: str | None = None, skip_invalid: bool = False
+) -> ReadResult[EditRecord]:
+    """Read a file of edit records (ZsRE, CounterFact, KnowEdit, WISE, ...).
+
+    Args:
+        path: A ``.json`` or ``.jsonl`` file.
+        format: Force a format by name; detected when ``None``.
+        skip_invalid: Leave invalid records out (reported and logged) instead of failing.
+
+    Returns:
+        The :class:`~lit_edit.records.EditRecord` items and the report.
+
+    Raises:
+        DataFileError: see :func:`read_file` (an LTE conversation file is reported as such).
+    """
+    return read_file(path, format, skip_invalid, readers=record_readers())
+
+
+def read_conversations(
+    path: str | Path, skip_invalid: bool = False
+) -> ReadResult[ConversationPair]:
+    """Read an LTE alignment file (FastChat conversations) into human → gpt exchanges.
+
+    Args:
+        path: A ``.json`` or ``.jsonl`` file.
+        skip_invalid: Leave invalid conversations out (reported and logged) instead of failing.
+
+    Returns:
+        One :class:`~lit_edit.data.lte.ConversationPair` per exchange, and the report.
+
+    Raises:
+        DataFileError: see :func:`read_file`.
+    """
+    return read_file(path, None, skip_invalid, readers=[ConversationReader()])

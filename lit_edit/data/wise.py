@@ -1,0 +1,59 @@
+"""WISE's flat edit files (``hallucination-{edit,train}.json``, and the like)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from lit_edit.data.base import RecordReader
+from lit_edit.data.fields import RawRecord
+from lit_edit.records import EditRecord
+
+
+class WiseReader(RecordReader):
+    """WISE's flat edit format (hallucination and the like), without a ``ground_truth``.
+
+    Fields: ``{prompt, target_new, subject, locality_prompt, locality_ground_truth,
+    rephrase_prompt?}`` (the hallucination edits are scored by perplexity, so there is no
+    original answer).
+
+    Mapping: ``prompt`` (a passage), ``target_new`` (its next sentence) and ``subject`` as is;
+    ``locality_prompt``/``locality_ground_truth`` → ``locality["neighborhood"]`` (dropped with a
+    note when the answer is empty, as in 12 hallucination records); ``rephrase_prompt`` when
+    present → ``rephrase_prompts``; other fields → ``meta`` verbatim.
+    """
+
+    format_name = "wise"
+    description = "WISE flat format, e.g. hallucination (prompt, target_new, locality_*)"
+
+    def matches(self, raw: Mapping[str, Any]) -> bool:
+        """Detect a flat record with a ``locality_prompt`` and no ``ground_truth``."""
+        keys = ("prompt", "target_new", "locality_prompt")
+        return all(k in raw for k in keys) and "ground_truth" not in raw and "src" not in raw
+
+    def build(self, rec: RawRecord, source: str) -> EditRecord:
+        """Normalise one WISE record."""
+        prompt = rec.text("prompt")
+        target_new = rec.text("target_new")
+        subject = rec.text("subject")
+        rec.check_subject(subject, "subject", prompt, "prompt")
+        rephrase = rec.optional_text("rephrase_prompt")
+        neighborhood = rec.pair("locality_prompt", "locality_ground_truth")
+        consumed = (
+            "prompt",
+            "target_new",
+            "subject",
+            "rephrase_prompt",
+            "locality_prompt",
+            "locality_ground_truth",
+        )
+        return EditRecord(
+            prompt=prompt,
+            target_new=target_new,
+            subject=subject,
+            rephrase_prompts=(rephrase,) if rephrase is not None else (),
+            locality={"neighborhood": (neighborhood,)} if neighborhood is not None else {},
+            source=source,
+            index=rec.index,
+            meta=rec.extras(consumed),
+        )

@@ -1,0 +1,128 @@
+"""Edit handles: what ``EditorModule.edit`` returns, so that an edit can be undone bit-exactly."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from types import TracebackType
+
+import torch
+from torch import nn
+
+
+class EditHandle:
+    """Undoes one edit. Use ``restore()`` or the handle as a context manager.
+
+    Restoring twice is a no-op; subclasses implement :meth:`_restore`.
+    """
+
+    def __init__(self) -> None:
+        self._restored = False
+
+    @property
+    def restored(self) -> bool:
+        """Whether :meth:`restore` has run."""
+        return self._restored
+
+    def restore(self) -> None:
+        """Bring the editor back to its state before the edit (idempotent)."""
+        if not self._restored:
+            self._restore()
+            self._restored = True
+
+    def _restore(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> EditHandle:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.restore()
+
+
+class WeightsHandle(EditHandle):
+    """Restores parameters from copies taken before they were changed.
+
+    Args:
+        params: The parameters the edit is about to change; their current values are copied.
+    """
+
+    def __init__(self, params: Iterable[nn.Parameter]) -> None:
+        super().__init__()
+        self._saved = [(p, p.detach().clone()) for p in params]
+
+    def _restore(self) -> None:
+        with torch.no_grad():
+            for param, original in self._saved:
+                param.copy_(original)
+
+
+class CallbackHandle(EditHandle):
+    """Restores by calling a function (e.g. removing entries from an edit memory).
+
+    Args:
+        undo: Called once on restore.
+    """
+
+    def __init__(self, undo: Callable[[], None]) -> None:
+        super().__init__()
+        self._undo = undo
+
+    def _restore(self) -> None:
+        self._undo()
+
+
+class HandleStack(EditHandle):
+    """Several handles undone in reverse order of application.
+
+    Args:
+        handles: Handles in the order their edits were applied.
+    """
+
+    def __init__(self, handles: Sequence[EditHandle] = ()) -> None:
+        super().__init__()
+        self._handles = list(handles)
+
+    def __enter__(self) -> HandleStack:
+        return self
+
+    def push(self, handle: EditHandle) -> None:
+        """Add the handle of a newer edit."""
+        self._handles.append(handle)
+
+    def __len__(self) -> int:
+        return len(self._handles)
+
+    def _restore(self) -> None:
+        for handle in reversed(self._handles):
+            handle.restore()
+        self._handles.clear()
+
+
+class ParameterSnapshot:
+    """A full copy of a module's parameters and buffers, to verify that a restore is bit-exact.
+
+    Args:
+        module: The module to snapshot.
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        self._values = {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+    def differences(self, module: nn.Module) -> list[str]:
+        """Names of the tensors not bit-identical to the snapshot (or appeared/vanished)."""
+        current = module.state_dict()
+        names = set(current) | set(self._values)
+        return sorted(
+            n
+            for n in names
+            if n not in current
+            or n not in self._values
+            or current[n].dtype != self._values[n].dtype
+            or current[n].shape != self._values[n].shape
+            or not torch.equal(current[n], self._values[n])
+        )

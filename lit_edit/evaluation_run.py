@@ -1,0 +1,236 @@
+"""One evaluation run.
+
+It groups records for the protocol, updates the torchmetrics metrics and keeps the per-record
+results for the results writer.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torchmetrics import Metric
+
+from lit_edit.editing import ParameterSnapshot
+from lit_edit.evaluation import Evaluation, RecordEvaluator, RecordMeasure
+from lit_edit.metrics import (
+    CounterFactScores,
+    ExactMatch,
+    LocalityAgreement,
+    NGramEntropy,
+    Perplexity,
+    TokenAccuracy,
+)
+from lit_edit.protocols import RecordResult
+from lit_edit.records import EditRecord
+
+if TYPE_CHECKING:
+    from lit_edit.methods.base import EditorModule
+
+#: (metric, update from the pre- and post-edit measures of a list of records)
+_Entry = tuple[Metric, Callable[[list[RecordMeasure], list[RecordMeasure]], None]]
+
+
+def _finite(value: Any) -> float | None:
+    """A float, or ``None`` for NaN/None (JSON has no NaN)."""
+    if value is None:
+        return None
+    value = float(value)
+    return None if math.isnan(value) else value
+
+
+class EvaluationRun:
+    """State of one ``trainer.test`` of an editor.
+
+    Args:
+        settings: The evaluation settings.
+        snapshot: A copy of the editor's tensors to verify each restore against (optional).
+        device: Device of the metric states (the editor's device, for cross-process sync).
+    """
+
+    def __init__(
+        self,
+        settings: Evaluation,
+        snapshot: ParameterSnapshot | None = None,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        self.settings = settings
+        self.protocol = settings.protocol
+        self.evaluator = RecordEvaluator(settings)
+        self.snapshot = snapshot
+        self.results: list[RecordResult] = []
+        self.n_edited = 0
+        self._pending: list[EditRecord] = []
+        self._group = 0
+        self._entries = self._make_metrics()
+        for metric, _ in self._entries.values():
+            metric.to(device)
+
+    def _make_metrics(self) -> dict[str, _Entry]:
+        """The metrics these settings ask for, with how each one updates."""
+        agg = self.settings.aggregation
+        entries: dict[str, _Entry] = {}
+        for prefix, use_pre in (("", False), ("pre_", True)):
+
+            def pick(pre, post, use_pre=use_pre):  # noqa: ANN001, ANN202
+                return pre if use_pre else post
+
+            entries[prefix + "reliability"] = (
+                TokenAccuracy(agg),
+                lambda a, b, m, p=pick: m.update([[x.edit] for x in p(a, b)]),
+            )
+            entries[prefix + "generalization"] = (
+                TokenAccuracy(agg),
+                lambda a, b, m, p=pick: m.update([x.rephrase for x in p(a, b)]),
+            )
+            entries[prefix + "portability"] = (
+                TokenAccuracy(agg),
+                lambda a, b, m, p=pick: m.update([x.portability for x in p(a, b)]),
+            )
+            if self.settings.exact_match:
+                for kind in ("reliability", "generalization", "portability"):
+                    entries[f"{prefix}{kind}_em"] = (
+                        ExactMatch(agg),
+                        lambda a, b, m, p=pick, k=kind: m.update([x.answers[k] for x in p(a, b)]),
+                    )
+            if self.settings.perplexity:
+                entries[prefix + "perplexity"] = (
+                    Perplexity(),
+                    lambda a, b, m, p=pick: m.update([x.edit for x in p(a, b)]),
+                )
+        entries["locality"] = (
+            LocalityAgreement(agg),
+            lambda a, b, m: m.update([x.locality for x in a], [x.locality for x in b]),
+        )
+        if self.settings.fluency:
+            entries["fluency"] = (
+                NGramEntropy(),
+                lambda a, b, m: m.update([x.fluency_text or [] for x in b]),
+            )
+        if self.settings.counterfact:
+            entries["counterfact"] = (
+                CounterFactScores(),
+                lambda a, b, m: m.update([x.counterfact for x in b if x.counterfact is not None]),
+            )
+        return {name: (metric, self._bind(metric, fn)) for name, (metric, fn) in entries.items()}
+
+    @staticmethod
+    def _bind(metric: Metric, fn: Callable[..., None]) -> Callable[[list, list], None]:
+        return lambda pre, post: fn(pre, post, metric)
+
+    @property
+    def metrics(self) -> dict[str, Metric]:
+        """The metric objects by name (``counterfact`` computes a dict of scores)."""
+        return {name: metric for name, (metric, _) in self._entries.items()}
+
+    def add(self, editor: EditorModule, records: Sequence[EditRecord]) -> list[dict[str, float]]:
+        """Queue records and run the protocol on every complete group.
+
+        Returns:
+            The mean post-edit values of each group that ran.
+        """
+        self._pending.extend(records)
+        means = []
+        size = self.protocol.group_size
+        while len(self._pending) >= size:
+            group, self._pending = self._pending[:size], self._pending[size:]
+            means.append(self._run_group(editor, group))
+        return means
+
+    def flush(self, editor: EditorModule) -> list[dict[str, float]]:
+        """Run the protocol on the last, incomplete group (if any)."""
+        if not self._pending:
+            return []
+        group, self._pending = self._pending, []
+        return [self._run_group(editor, group)]
+
+    def _run_group(self, editor: EditorModule, records: list[EditRecord]) -> dict[str, float]:
+        """Run the protocol on one group, verify the restore, update metrics and results."""
+        with torch.inference_mode(False):
+            results = self.protocol.run(editor, records, self.evaluator, self._group)
+        if self.snapshot is not None:
+            changed = self.snapshot.differences(editor)
+            if changed:
+                raise RuntimeError(
+                    f"{type(editor).__name__}: restoring group {self._group} did not bring back "
+                    f"{len(changed)} tensor(s) bit-exactly, e.g. {changed[:5]}"
+                )
+        self._group += 1
+        self.n_edited += len(records)
+        pre = [r.pre_measure for r in results]
+        post = [r.post_measure for r in results]
+        for _, update in self._entries.values():
+            update(pre, post)
+        for r in results:  # keep the values, drop the raw scores
+            r.pre_measure = r.post_measure = None
+        self.results.extend(results)
+        keys = ("reliability", "generalization", "locality", "portability")
+        means = {}
+        for key in keys:
+            values = [r.post[key] for r in results if r.post.get(key) is not None]
+            if values:
+                means[key] = sum(values) / len(values)
+        return means
+
+    def rows(self) -> list[dict[str, Any]]:
+        """This process's per-record rows (``records.jsonl`` lines)."""
+        return [r.to_row() for r in self.results]
+
+    def computed(self) -> dict[str, float | None]:
+        """Every metric's value (synced across processes), CounterFact scores flattened."""
+        out: dict[str, float | None] = {}
+        for name, metric in self.metrics.items():
+            value = metric.compute()
+            if isinstance(value, dict):
+                out.update({k: _finite(v) for k, v in value.items()})
+            else:
+                out[name] = _finite(value)
+        return out
+
+    def summary(self, editor: EditorModule, rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        """The content of ``summary.json``.
+
+        One key per post-edit metric, then pre-edit values, per-group breakdowns, counts, the
+        protocol and the settings.
+
+        Args:
+            editor: The evaluated editor.
+            rows: Every process's rows (for the per-group breakdowns).
+        """
+        values = self.computed()
+        post = {k: v for k, v in values.items() if not k.startswith("pre_")}
+        pre = {k[4:]: v for k, v in values.items() if k.startswith("pre_")}
+        breakdown: dict[str, list[float]] = {}
+        for row in rows:
+            for key, value in row["post"].items():
+                if "/" in key and value is not None:
+                    breakdown.setdefault(key, []).append(value)
+        counts = {
+            name: {"records": int(m.n_records), "empty": int(m.n_empty)}
+            for name, m in self.metrics.items()
+            if hasattr(m, "n_empty") and not name.startswith("pre_")
+        }
+        return {
+            **post,
+            "pre": pre,
+            "breakdown": {k: sum(v) / len(v) for k, v in sorted(breakdown.items())},
+            "n_records": len(rows),
+            "counts": counts,
+            "protocol": self.protocol.describe(),
+            "settings": self.settings.describe(),
+            "method": f"{type(editor).__module__}.{type(editor).__qualname__}",
+            "hyper_parameters": {k: _jsonable(v) for k, v in dict(editor.hparams).items()},
+        }
+
+
+def _jsonable(value: Any) -> Any:
+    """A JSON-friendly version of a hyper-parameter value."""
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    return repr(value)

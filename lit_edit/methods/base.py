@@ -1,0 +1,194 @@
+"""``EditorModule``: the LightningModule every editing method subclasses."""
+
+from __future__ import annotations
+
+import logging
+from abc import abstractmethod
+from collections.abc import Sequence
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from lit_edit.backbone import load_causal_lm, load_tokenizer
+from lit_edit.editing import EditHandle, ParameterSnapshot
+from lit_edit.evaluation import Evaluation
+from lit_edit.evaluation_run import EvaluationRun
+from lit_edit.records import EditRecord, QAPair
+from lit_edit.scoring import GeneratedAnswer, Generation, PairScore
+
+log = logging.getLogger(__name__)
+
+
+class EditorModule(L.LightningModule):
+    """Base class of every knowledge editor.
+
+    A subclass implements :meth:`edit` (apply edits, return a handle that restores them
+    bit-exactly), and ``training_step``/``configure_optimizers`` if it learns anything. Lightning's
+    ``test`` runs an editing protocol (:mod:`lit_edit.protocols`) chosen by the ``evaluation``
+    settings; the scores go to torchmetrics metrics, TensorBoard and a results folder.
+
+    Checkpoints hold what the method learned, not the frozen backbone: parameters under
+    ``model.`` are left out unless :meth:`saves_backbone` says otherwise.
+
+    Args:
+        backbone: Model to edit: ``"tinyfacts"`` (the embedded default), ``"tinyfacts-llama"``,
+            a local directory or a Hugging Face hub name.
+        dtype: Weights dtype: ``"float32"``, ``"bfloat16"`` or ``"float16"``.
+        trust_remote_code: Allow code shipped with a hub model to run (off by default).
+        revision: Hub revision of the backbone to pin.
+    """
+
+    def __init__(
+        self,
+        backbone: str = "tinyfacts",
+        dtype: str = "float32",
+        trust_remote_code: bool = False,
+        revision: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.model = load_causal_lm(
+            backbone, dtype=dtype, trust_remote_code=trust_remote_code, revision=revision
+        )
+        self.tokenizer = load_tokenizer(
+            backbone, trust_remote_code=trust_remote_code, revision=revision
+        )
+        self.model.requires_grad_(False)
+        self.evaluation = Evaluation()
+        self._run: EvaluationRun | None = None
+
+    # ------------------------------------------------------------------ the editing contract
+    @abstractmethod
+    def edit(self, records: Sequence[EditRecord]) -> EditHandle:
+        """Apply the edits of ``records`` together.
+
+        Args:
+            records: One or more edit records.
+
+        Returns:
+            A handle whose ``restore()`` brings the editor back bit-exactly.
+        """
+
+    def score_pairs(self, pairs: Sequence[QAPair]) -> list[PairScore]:
+        """Teacher-forced scores of ``pairs`` under the editor's current state.
+
+        Methods that answer through something else than the backbone's weights (a context, a
+        retrieved fact, a counterfactual model) override this.
+
+        Args:
+            pairs: (prompt, answer) pairs.
+
+        Returns:
+            One score per pair, in order.
+        """
+        return self.evaluation.scorer().score(self.model, self.tokenizer, pairs)
+
+    def generate_answers(self, pairs: Sequence[QAPair]) -> list[GeneratedAnswer]:
+        """Greedy continuations of the pairs' prompts (exact match) under the current state.
+
+        Methods that override :meth:`score_pairs` override this the same way.
+
+        Args:
+            pairs: (prompt, answer) pairs; the answer and its aliases set the lengths.
+
+        Returns:
+            One generated answer per pair, in order.
+        """
+        return self.evaluation.scorer().generate_answers(self.model, self.tokenizer, pairs)
+
+    def sample(self, prompts: Sequence[str], max_length: int, seed: int) -> list[Generation]:
+        """Seeded top-k samples (fluency) under the editor's current state.
+
+        Args:
+            prompts: Prompts.
+            max_length: Total length in tokens, prompt included.
+            seed: Seed of the sampling generators.
+
+        Returns:
+            One generation per prompt (``full_text`` is the fluency text).
+        """
+        return self.evaluation.scorer().sample(
+            self.model, self.tokenizer, prompts, max_length=max_length, seed=seed
+        )
+
+    # ------------------------------------------------------------------ checkpoints
+    def saves_backbone(self) -> bool:
+        """Whether checkpoints include the backbone's weights (only if the method trains them)."""
+        return False
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Drop the frozen backbone from the checkpoint and record the writing class."""
+        if not self.saves_backbone():
+            state = checkpoint["state_dict"]
+            for key in [k for k in state if k.startswith("model.")]:
+                del state[key]
+        checkpoint["lit_edit_class"] = f"{type(self).__module__}.{type(self).__qualname__}"
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Check the checkpoint was written by this class and re-insert the backbone's weights."""
+        written_by = checkpoint.get("lit_edit_class")
+        mine = f"{type(self).__module__}.{type(self).__qualname__}"
+        if written_by is not None and written_by != mine:
+            raise TypeError(
+                f"checkpoint was written by {written_by}; it cannot be loaded into {mine}"
+            )
+        state = checkpoint["state_dict"]
+        for key, value in self.state_dict().items():
+            if key.startswith("model.") and key not in state:
+                state[key] = value
+
+    # ------------------------------------------------------------------ the test loop
+    def configure_callbacks(self) -> list[Callback]:
+        """Add the results writer (records.jsonl, summary.json, table, plot) to the trainer."""
+        from lit_edit.callbacks import ResultsWriter
+
+        return [ResultsWriter()]
+
+    def on_test_start(self) -> None:
+        """Start an evaluation run: fresh metrics, results and (optionally) a weight snapshot."""
+        snapshot = ParameterSnapshot(self) if self.evaluation.verify_restore else None
+        self._run = EvaluationRun(self.evaluation, snapshot=snapshot, device=self.device)
+
+    def test_step(self, batch: list[EditRecord], batch_idx: int) -> None:
+        """Queue the batch's records and run the protocol on every complete group."""
+        assert self._run is not None
+        for metrics in self._run.add(self, batch):
+            self._log_group(metrics)
+        self.log("edits", float(self._run.n_edited), prog_bar=True, on_step=True, on_epoch=False)
+
+    def on_test_epoch_end(self) -> None:
+        """Run the last incomplete group and log the aggregated metrics."""
+        assert self._run is not None
+        for metrics in self._run.flush(self):
+            self._log_group(metrics)
+        for name, metric in self._run.metrics.items():
+            self.log(f"test/{name}", metric, sync_dist=False)
+
+    def _log_group(self, values: dict[str, float]) -> None:
+        """Log one group's means as TensorBoard scalars indexed by the number of edits so far."""
+        if self.logger is None or self.trainer.global_rank != 0:
+            return
+        experiment = getattr(self.logger, "experiment", None)
+        if experiment is None or not hasattr(experiment, "add_scalar"):
+            return
+        for name, value in values.items():
+            experiment.add_scalar(f"test_groups/{name}", value, global_step=self._run.n_edited)
+
+    @property
+    def evaluation_run(self) -> EvaluationRun | None:
+        """The current (or last) evaluation run, read by the results writer."""
+        return self._run
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Logits of the backbone under its current weights.
+
+        Args:
+            input_ids: ``[B, L]`` token ids.
+            attention_mask: ``[B, L]`` with 1 on real tokens.
+
+        Returns:
+            ``[B, L, V]`` logits.
+        """
+        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits

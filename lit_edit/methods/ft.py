@@ -1,0 +1,132 @@
+"""Fine-tuning baselines FT-L and FT-M: optimise chosen MLP weights on the edit itself."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+
+from lit_edit.backbone import find_parameter, mlp_parameter_names
+from lit_edit.data.collate import PairCollator
+from lit_edit.editing import EditHandle, WeightsHandle
+from lit_edit.methods.base import EditorModule
+from lit_edit.records import EditRecord
+
+
+class FTEditor(EditorModule):
+    """Constrained fine-tuning of chosen weights on the edit (EasyEdit's FT-L and FT-M).
+
+    Each edit runs ``steps`` Adam steps on the inner parameters only, from their current values,
+    on the edit pairs ``(prompt, target_new)`` of all records edited together.
+
+    * ``objective="masked"`` (FT-M): teacher-forced cross-entropy on the target tokens of
+      ``prompt + " " + target_new`` (prompt masked).
+    * ``objective="prompt_last"`` (FT-L, as in EasyEdit/ROME): every target token's log-prob is
+      read at the prompt's last position (a bag-of-tokens loss at one position) and averaged.
+
+    With ``norm_constraint`` set, after every step each weight is clamped to
+    ``[W0 - c, W0 + c]`` around its pre-edit value (EasyEdit's ``norm_constraint``; its GPT-2
+    default 5e-4 barely moves a small model, METHODS.md P18, so it is off by default).
+
+    Args:
+        backbone: Model to edit (see :class:`~lit_edit.methods.base.EditorModule`).
+        inner_params: Names of the parameters to fine-tune; default: the output matrix of the
+            MLP of the last block (``c_proj`` for GPT-2, ``down_proj`` for LLaMA).
+        objective: ``"masked"`` (FT-M) or ``"prompt_last"`` (FT-L).
+        lr: Adam learning rate.
+        steps: Optimisation steps per edit.
+        weight_decay: Adam weight decay.
+        norm_constraint: L-infinity bound on the change of each weight (``None``: unbounded).
+        early_stop_loss: Stop once the loss falls below this value (``None``: always ``steps``).
+        dtype: Weights dtype.
+        trust_remote_code: Allow code shipped with a hub model to run.
+        revision: Hub revision of the backbone.
+    """
+
+    def __init__(
+        self,
+        backbone: str = "tinyfacts",
+        inner_params: list[str] | None = None,
+        objective: Literal["masked", "prompt_last"] = "masked",
+        lr: float = 5e-4,
+        steps: int = 25,
+        weight_decay: float = 0.0,
+        norm_constraint: float | None = None,
+        early_stop_loss: float | None = 1e-2,
+        dtype: str = "float32",
+        trust_remote_code: bool = False,
+        revision: str | None = None,
+    ) -> None:
+        super().__init__(backbone, dtype, trust_remote_code, revision)
+        if objective not in ("masked", "prompt_last"):
+            raise ValueError(f"objective must be 'masked' or 'prompt_last', got {objective!r}")
+        if steps < 1:
+            raise ValueError(f"steps must be >= 1, got {steps}")
+        names = inner_params or [
+            n for n in mlp_parameter_names(self.model, [-1]) if "c_proj" in n or "down_proj" in n
+        ]
+        self.inner_names = list(names)
+        self.inner = [find_parameter(self.model, n) for n in self.inner_names]
+        self.objective = objective
+        self.lr = lr
+        self.steps = steps
+        self.weight_decay = weight_decay
+        self.norm_constraint = norm_constraint
+        self.early_stop_loss = early_stop_loss
+
+    def edit(self, records: Sequence[EditRecord]) -> EditHandle:
+        """Fine-tune the inner parameters on the records' edits; the handle restores them.
+
+        Args:
+            records: Records edited together.
+
+        Returns:
+            A handle restoring the inner parameters bit-exactly.
+        """
+        handle = WeightsHandle(self.inner)
+        originals = [p.detach().clone() for p in self.inner]
+        collate = PairCollator(self.tokenizer, padding_side="right")
+        batch = collate([r.edit_pair for r in records])
+        batch = {k: v.to(self.device) for k, v in batch.items() if torch.is_tensor(v)}
+        with torch.inference_mode(False), torch.enable_grad():
+            for p in self.inner:
+                p.requires_grad_(True)
+            opt = torch.optim.Adam(self.inner, lr=self.lr, weight_decay=self.weight_decay)
+            try:
+                for _ in range(self.steps):
+                    opt.zero_grad(set_to_none=True)
+                    loss = self._loss(batch)
+                    if self.early_stop_loss is not None and loss.item() < self.early_stop_loss:
+                        break
+                    loss.backward()
+                    opt.step()
+                    if self.norm_constraint is not None:
+                        with torch.no_grad():
+                            c = self.norm_constraint
+                            for p, p0 in zip(self.inner, originals, strict=True):
+                                p.copy_(torch.minimum(torch.maximum(p, p0 - c), p0 + c))
+            finally:
+                for p in self.inner:
+                    p.requires_grad_(False)
+                    p.grad = None
+        return handle
+
+    def _loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The edit loss of the configured objective on a right-padded pair batch."""
+        logits = self.model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+        ).logits  # [B, L, V]
+        labels = batch["labels"]  # [B, L], -100 outside the answers
+        logp = logits[:, :-1].float().log_softmax(-1)  # [B, L-1, V] predicts tokens 1..L-1
+        target = labels[:, 1:]  # [B, L-1]
+        mask = target != -100
+        if self.objective == "masked":
+            picked = logp.gather(-1, target.clamp(min=0)[..., None]).squeeze(-1)  # [B, L-1]
+            return -(picked * mask).sum() / mask.sum()
+        # prompt_last: all target tokens scored at the position predicting the first one
+        first = mask.float().argmax(-1)  # [B] index of the first answer label
+        rows = torch.arange(labels.shape[0], device=labels.device)
+        last_logp = logp[rows, first]  # [B, V]
+        per_token = last_logp.gather(-1, target.clamp(min=0))  # [B, L-1]
+        return -((per_token * mask).sum(-1) / mask.sum(-1)).mean()

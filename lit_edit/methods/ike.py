@@ -1,0 +1,84 @@
+"""In-context editing (IKE/ICE): the new fact is put in the prompt; no weight changes."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from lit_edit.editing import CallbackHandle, EditHandle
+from lit_edit.methods.base import EditorModule
+from lit_edit.records import EditRecord, QAPair
+from lit_edit.scoring import GeneratedAnswer, PairScore
+
+
+class IKEEditor(EditorModule):
+    """In-context knowledge editing without demonstrations (ICE, as in the KnowEdit tables).
+
+    ``edit`` appends the records' facts (``prompt + " " + target_new``) to an edit memory; every
+    later query is scored with the facts of the memory written before it through ``template``.
+    With more than ``max_facts`` facts in memory the newest ``max_facts`` are used (newest last,
+    closest to the query). Pre-edit scores (empty memory) use the bare prompt, so locality is the
+    agreement between the bare and the in-context predictions. Fluency samples come from the bare
+    prompts, as KnowEdit and LTE measure it.
+
+    Args:
+        backbone: Model to edit (see :class:`~lit_edit.methods.base.EditorModule`).
+        template: Context template with ``{facts}`` (one per line) and ``{prompt}``; the default
+            is EasyEdit's IKE/ICE wording.
+        max_facts: Most facts put in a context.
+        dtype: Weights dtype.
+        trust_remote_code: Allow code shipped with a hub model to run.
+        revision: Hub revision of the backbone.
+    """
+
+    def __init__(
+        self,
+        backbone: str = "tinyfacts",
+        template: str = "New Fact: {facts}\nPrompt: {prompt}",
+        max_facts: int = 8,
+        dtype: str = "float32",
+        trust_remote_code: bool = False,
+        revision: str | None = None,
+    ) -> None:
+        super().__init__(backbone, dtype, trust_remote_code, revision)
+        if "{facts}" not in template or "{prompt}" not in template:
+            raise ValueError(f"template must contain {{facts}} and {{prompt}}, got {template!r}")
+        if max_facts < 1:
+            raise ValueError(f"max_facts must be >= 1, got {max_facts}")
+        self.template = template
+        self.max_facts = max_facts
+        self.memory: list[str] = []
+
+    def edit(self, records: Sequence[EditRecord]) -> EditHandle:
+        """Add the records' facts to the memory; the handle removes them.
+
+        Args:
+            records: Records edited together.
+
+        Returns:
+            A handle that truncates the memory back to its previous size.
+        """
+        size = len(self.memory)
+        self.memory.extend(r.fact for r in records)
+
+        def undo() -> None:
+            del self.memory[size:]
+
+        return CallbackHandle(undo)
+
+    def contextualise(self, prompt: str) -> str:
+        """The prompt with the memory's facts in front (the bare prompt when memory is empty)."""
+        if not self.memory:
+            return prompt
+        facts = "\n".join(self.memory[-self.max_facts :])
+        return self.template.format(facts=facts, prompt=prompt)
+
+    def _in_context(self, pairs: Sequence[QAPair]) -> list[QAPair]:
+        return [QAPair(self.contextualise(p.prompt), p.answer, p.aliases) for p in pairs]
+
+    def score_pairs(self, pairs: Sequence[QAPair]) -> list[PairScore]:
+        """Score the pairs with the memory's facts in context."""
+        return super().score_pairs(self._in_context(pairs))
+
+    def generate_answers(self, pairs: Sequence[QAPair]) -> list[GeneratedAnswer]:
+        """Greedy answers with the memory's facts in context."""
+        return super().generate_answers(self._in_context(pairs))

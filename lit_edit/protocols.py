@@ -1,0 +1,227 @@
+"""Editing protocols: single edit, batch edit and sequential (T-group) editing.
+
+A protocol decides how a group of records is edited and when each record is scored. Every
+protocol scores the group once before any edit (the pre-edit scores, reused for locality and for
+the ``pre`` values of every record) and once or several times after, with the same scorer.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+from lit_edit.editing import HandleStack
+from lit_edit.records import EditRecord
+
+if TYPE_CHECKING:
+    from lit_edit.evaluation import RecordEvaluator, RecordMeasure
+    from lit_edit.methods.base import EditorModule
+
+
+@dataclass
+class RecordResult:
+    """The scores of one record under a protocol.
+
+    Attributes:
+        record: The edit record.
+        group: Index of the group (of ``group_size`` records) the record was edited in.
+        position: 0-based position of the record's edit within its group.
+        edits_applied: Number of edits in effect when the record was scored.
+        pre: Metric values before any edit of the group (``None`` where not applicable).
+        post: Metric values after editing.
+        pre_measure: The scores behind ``pre`` (fed to the torchmetrics metrics).
+        post_measure: The scores behind ``post``.
+    """
+
+    record: EditRecord
+    group: int
+    position: int
+    edits_applied: int
+    pre: dict[str, float | None] = field(default_factory=dict)
+    post: dict[str, float | None] = field(default_factory=dict)
+    pre_measure: RecordMeasure | None = None
+    post_measure: RecordMeasure | None = None
+
+    def to_row(self) -> dict[str, Any]:
+        """The result as a ``records.jsonl`` line (without the raw scores)."""
+        r = self.record
+        return {
+            "index": r.index,
+            "source": r.source,
+            "prompt": r.prompt,
+            "target_new": r.target_new,
+            "ground_truth": list(r.ground_truth),
+            "group": self.group,
+            "position": self.position,
+            "edits_applied": self.edits_applied,
+            "pre": self.pre,
+            "post": self.post,
+        }
+
+
+class EditingProtocol(ABC):
+    """How edits are applied and when records are scored."""
+
+    @property
+    @abstractmethod
+    def group_size(self) -> int:
+        """Number of records the protocol consumes at a time."""
+
+    @abstractmethod
+    def run(
+        self,
+        editor: EditorModule,
+        records: Sequence[EditRecord],
+        evaluator: RecordEvaluator,
+        group: int,
+    ) -> list[RecordResult]:
+        """Edit and score one group of records, leaving the editor as it found it.
+
+        Args:
+            editor: The editor.
+            records: At most ``group_size`` records.
+            evaluator: Scores records under the editor's current state.
+            group: Index of this group (for bookkeeping).
+
+        Returns:
+            One result per record, in order.
+        """
+
+    @abstractmethod
+    def describe(self) -> dict[str, Any]:
+        """The protocol's name and settings, for summaries."""
+
+    @staticmethod
+    def _results(
+        records: Sequence[EditRecord],
+        evaluator: RecordEvaluator,
+        pre: Sequence[RecordMeasure],
+        post: Sequence[RecordMeasure],
+        group: int,
+        positions: Sequence[int],
+        applied: Sequence[int],
+    ) -> list[RecordResult]:
+        return [
+            RecordResult(
+                record=r,
+                group=group,
+                position=pos,
+                edits_applied=n,
+                pre=evaluator.values(a, a, is_pre=True),
+                post=evaluator.values(a, b),
+                pre_measure=a,
+                post_measure=b,
+            )
+            for r, a, b, pos, n in zip(records, pre, post, positions, applied, strict=True)
+        ]
+
+
+class SingleEdit(EditingProtocol):
+    """Edit one record, score it, restore; for every record (EasyEdit's default protocol).
+
+    Args:
+        chunk_size: Records scored together before editing (pre-edit scores are computed for a
+            whole chunk in batched forwards). Does not change any value.
+    """
+
+    def __init__(self, chunk_size: int = 32) -> None:
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        self.chunk_size = chunk_size
+
+    @property
+    def group_size(self) -> int:
+        """Records consumed at a time (the chunk size)."""
+        return self.chunk_size
+
+    def run(self, editor, records, evaluator, group):
+        """Edit, score and restore each record in turn (see :meth:`EditingProtocol.run`)."""
+        pre = evaluator.measure(editor, records)
+        post = []
+        for record in records:
+            with editor.edit([record]):
+                post.extend(evaluator.measure(editor, [record]))
+        n = len(records)
+        return self._results(records, evaluator, pre, post, group, [0] * n, [1] * n)
+
+    def describe(self) -> dict[str, Any]:
+        """Name and settings."""
+        return {"protocol": "single"}
+
+
+class BatchEdit(EditingProtocol):
+    """Apply ``batch_size`` edits at once, score all of them, restore.
+
+    Args:
+        batch_size: Number of edits applied together (the last group may be smaller).
+    """
+
+    def __init__(self, batch_size: int = 10) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.batch_size = batch_size
+
+    @property
+    def group_size(self) -> int:
+        """Records consumed at a time (the batch size)."""
+        return self.batch_size
+
+    def run(self, editor, records, evaluator, group):
+        """Edit all records at once, score, restore (see :meth:`EditingProtocol.run`)."""
+        pre = evaluator.measure(editor, records)
+        with editor.edit(list(records)):
+            post = evaluator.measure(editor, records)
+        n = len(records)
+        return self._results(records, evaluator, pre, post, group, [0] * n, [n] * n)
+
+    def describe(self) -> dict[str, Any]:
+        """Name and settings."""
+        return {"protocol": "batch", "batch_size": self.batch_size}
+
+
+class SequentialEdit(EditingProtocol):
+    """Apply ``group_size`` edits one after another, keeping them; roll back between groups.
+
+    This is the WISE protocol (T = ``group_size``). When records are scored is an explicit choice:
+    ``"after_group"`` scores every record of the group on the model after the group's last edit
+    (the WISE and KnowEdit papers); ``"after_each"`` scores each record right after its own edit
+    (EasyEdit since June 2026, LTE's SeqEdit scripts).
+
+    Args:
+        group_size: T, the number of edits kept before rolling back.
+        evaluate: ``"after_group"`` or ``"after_each"`` (required: there is no implicit default).
+    """
+
+    def __init__(self, group_size: int, evaluate: Literal["after_group", "after_each"]) -> None:
+        if group_size < 1:
+            raise ValueError(f"group_size must be >= 1, got {group_size}")
+        if evaluate not in ("after_group", "after_each"):
+            raise ValueError(f"evaluate must be 'after_group' or 'after_each', got {evaluate!r}")
+        self.t = group_size
+        self.evaluate = evaluate
+
+    @property
+    def group_size(self) -> int:
+        """T."""
+        return self.t
+
+    def run(self, editor, records, evaluator, group):
+        """Edit one by one, keep the edits, score, roll back (see :meth:`EditingProtocol.run`)."""
+        pre = evaluator.measure(editor, records)
+        post = []
+        with HandleStack() as stack:
+            for record in records:
+                stack.push(editor.edit([record]))
+                if self.evaluate == "after_each":
+                    post.extend(evaluator.measure(editor, [record]))
+            if self.evaluate == "after_group":
+                post = evaluator.measure(editor, records)
+        n = len(records)
+        applied = list(range(1, n + 1)) if self.evaluate == "after_each" else [n] * n
+        return self._results(records, evaluator, pre, post, group, list(range(n)), applied)
+
+    def describe(self) -> dict[str, Any]:
+        """Name and settings."""
+        return {"protocol": "sequential", "group_size": self.t, "evaluate": self.evaluate}
