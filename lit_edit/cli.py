@@ -13,8 +13,10 @@ from collections.abc import Sequence
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.core import LightningDataModule
 
+import lit_edit.data.datamodule  # noqa: F401  (registers the DataModules for short class names)
+import lit_edit.data.tinyfacts  # noqa: F401
 from lit_edit.evaluation import Evaluation
-from lit_edit.methods.base import EditorModule
+from lit_edit.methods import EditorModule
 
 
 class LitEditCLI(LightningCLI):

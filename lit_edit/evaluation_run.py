@@ -100,20 +100,22 @@ class EvaluationRun:
                     Perplexity(),
                     lambda a, b, m, p=pick: m.update([x.edit for x in p(a, b)]),
                 )
+            if self.settings.fluency:
+                entries[prefix + "fluency"] = (
+                    NGramEntropy(),
+                    lambda a, b, m, p=pick: m.update([x.fluency_text or [] for x in p(a, b)]),
+                )
+            if self.settings.counterfact:
+                entries[prefix + "counterfact"] = (
+                    CounterFactScores(),
+                    lambda a, b, m, p=pick: m.update(
+                        [x.counterfact for x in p(a, b) if x.counterfact is not None]
+                    ),
+                )
         entries["locality"] = (
             LocalityAgreement(agg),
             lambda a, b, m: m.update([x.locality for x in a], [x.locality for x in b]),
         )
-        if self.settings.fluency:
-            entries["fluency"] = (
-                NGramEntropy(),
-                lambda a, b, m: m.update([x.fluency_text or [] for x in b]),
-            )
-        if self.settings.counterfact:
-            entries["counterfact"] = (
-                CounterFactScores(),
-                lambda a, b, m: m.update([x.counterfact for x in b if x.counterfact is not None]),
-            )
         return {name: (metric, self._bind(metric, fn)) for name, (metric, fn) in entries.items()}
 
     @staticmethod
@@ -183,8 +185,9 @@ class EvaluationRun:
         out: dict[str, float | None] = {}
         for name, metric in self.metrics.items():
             value = metric.compute()
-            if isinstance(value, dict):
-                out.update({k: _finite(v) for k, v in value.items()})
+            if isinstance(value, dict):  # CounterFact: ES, EM, PS, ...
+                prefix = "pre_" if name.startswith("pre_") else ""
+                out.update({prefix + k: _finite(v) for k, v in value.items()})
             else:
                 out[name] = _finite(value)
         return out

@@ -19,7 +19,8 @@ def markdown_table(summary: Mapping[str, Any], method: str) -> str:
     """Render a summary as Markdown: the KnowEdit layout, then every metric.
 
     The first table has KnowEdit's columns (Edit Succ., Portability, Locality, Fluency), x100 as
-    the KnowEdit and LTE papers report them; the second lists every metric pre and post edit.
+    the KnowEdit and LTE papers report them; the second lists every metric pre and post edit
+    (x100 too, but perplexity).
 
     Args:
         summary: ``summary.json`` content: metric name -> value (``None`` when undefined), a
@@ -50,7 +51,10 @@ def markdown_table(summary: Mapping[str, Any], method: str) -> str:
         "|---|---|---|",
     ]
     for name in metrics:
-        lines.append(f"| {name} | {_cell(pre.get(name))} | {_cell(metrics[name])} |")
+        scale = 1.0 if name == "perplexity" else 100.0
+        lines.append(
+            f"| {name} | {_cell(pre.get(name), scale)} | {_cell(metrics[name], scale)} |"
+        )
     return "\n".join(lines)
 
 

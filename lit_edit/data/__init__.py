@@ -28,6 +28,7 @@ from lit_edit.data.zsre import ZsreReader
 if TYPE_CHECKING:
     from lit_edit.data.collate import EditCollator, PairCollator, collate_records
     from lit_edit.data.datamodule import EditDataModule
+    from lit_edit.data.tinyfacts import TinyFactsDataModule
     from lit_edit.data.transfer import move_batch_to_device
 
 __all__ = [
@@ -43,6 +44,7 @@ __all__ = [
     "ReadResult",
     "RecordReader",
     "RomeCounterFactReader",
+    "TinyFactsDataModule",
     "WiseReader",
     "ZsreReader",
     "available_readers",
@@ -68,6 +70,10 @@ def __getattr__(name: str) -> Any:
         from lit_edit.data import collate
 
         return getattr(collate, name)
+    if name == "TinyFactsDataModule":
+        from lit_edit.data.tinyfacts import TinyFactsDataModule
+
+        return TinyFactsDataModule
     if name == "move_batch_to_device":
         from lit_edit.data.transfer import move_batch_to_device
 

@@ -79,6 +79,10 @@ class TinyFactsDataModule(EditDataModule):
             None, seed=self.record_seed, relations=self.relations, n_locality=self.n_locality
         )
 
+    def missing_split_hint(self, split: str) -> str:
+        """Name the argument that sizes ``split``."""
+        return f"set n_{split} > 0"
+
     def load_records(self, stage: str) -> dict[str, list[EditRecord]]:
         """Split the world's records by subject into the splits ``stage`` needs."""
         splits = split_by_subject(

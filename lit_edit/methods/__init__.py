@@ -1,1 +1,7 @@
-"""lit_edit.methods."""
+"""Editing methods, one LightningModule each; importing a class here registers it for the CLI."""
+
+from lit_edit.methods.base import EditorModule
+from lit_edit.methods.ft import FTEditor
+from lit_edit.methods.ike import IKEEditor
+
+__all__ = ["EditorModule", "FTEditor", "IKEEditor"]

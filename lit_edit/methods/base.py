@@ -163,8 +163,8 @@ class EditorModule(L.LightningModule):
         assert self._run is not None
         for metrics in self._run.flush(self):
             self._log_group(metrics)
-        for name, metric in self._run.metrics.items():
-            self.log(f"test/{name}", metric, sync_dist=False)
+        values = {f"test/{k}": v for k, v in self._run.computed().items() if v is not None}
+        self.log_dict(values, sync_dist=False, batch_size=1)
 
     def _log_group(self, values: dict[str, float]) -> None:
         """Log one group's means as TensorBoard scalars indexed by the number of edits so far."""
@@ -180,6 +180,14 @@ class EditorModule(L.LightningModule):
     def evaluation_run(self) -> EvaluationRun | None:
         """The current (or last) evaluation run, read by the results writer."""
         return self._run
+
+    def transfer_batch_to_device(
+        self, batch: Any, device: torch.device, dataloader_idx: int
+    ) -> Any:
+        """Move tensors to ``device``, leaving edit records (frozen dataclasses) as they are."""
+        from lit_edit.data.transfer import move_batch_to_device
+
+        return move_batch_to_device(batch, device)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Logits of the backbone under its current weights.
