@@ -8,6 +8,7 @@ configs (``configs/<method>/<dataset>.yaml``).
 from __future__ import annotations
 
 import sys
+import warnings
 from collections.abc import Sequence
 
 from lightning.pytorch.cli import LightningCLI
@@ -31,6 +32,9 @@ class LitEditCLI(LightningCLI):
     """
 
     def __init__(self, args: Sequence[str] | None = None, **kwargs: object) -> None:
+        # EditorModule and EditDataModule both move record batches safely; Lightning warns
+        # that it picks the DataModule's hook, which is the same function.
+        warnings.filterwarnings("ignore", message=".*overridden `transfer_batch_to_device`.*")
         kwargs.setdefault("subclass_mode_model", True)
         kwargs.setdefault("subclass_mode_data", True)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
