@@ -11,13 +11,26 @@ import sys
 import warnings
 from collections.abc import Sequence
 
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.core import LightningDataModule
 
 import lit_edit.data.datamodule  # noqa: F401  (registers the DataModules for short class names)
 import lit_edit.data.tinyfacts  # noqa: F401
 from lit_edit.evaluation import Evaluation
 from lit_edit.methods import EditorModule
+
+
+class LoggedConfigSaver(SaveConfigCallback):
+    """Save the run's config into the logger's folder, and nowhere when the run has no logger.
+
+    (Lightning's default writes ``config.yaml`` into the working directory when logging is off.)
+    """
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        """Save the config only when a logger gives the run a folder."""
+        if trainer.logger is not None:
+            super().setup(trainer, pl_module, stage)
 
 
 class LitEditCLI(LightningCLI):
@@ -37,6 +50,7 @@ class LitEditCLI(LightningCLI):
         warnings.filterwarnings("ignore", message=".*overridden `transfer_batch_to_device`.*")
         kwargs.setdefault("subclass_mode_model", True)
         kwargs.setdefault("subclass_mode_data", True)
+        kwargs.setdefault("save_config_callback", LoggedConfigSaver)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         super().__init__(EditorModule, LightningDataModule, args=args, **kwargs)
 
