@@ -105,6 +105,7 @@ class RecordMeasure:
             ``"portability"`` (grouped), when exact match is on.
         fluency_text: The fluency generation, when fluency is on.
         counterfact: The CounterFact contrasts, when on and the record has a ground truth.
+        extra: Method-specific values (:meth:`EditorModule.record_values`), e.g. retrieval hits.
     """
 
     edit: PairScore
@@ -114,6 +115,7 @@ class RecordMeasure:
     answers: dict[str, Any] = field(default_factory=dict)
     fluency_text: str | None = None
     counterfact: CounterFactRecordScores | None = None
+    extra: dict[str, float | None] = field(default_factory=dict)
 
 
 class RecordEvaluator:
@@ -160,6 +162,10 @@ class RecordEvaluator:
             plans.append(plan)
         scores = editor.score_pairs(pairs)
         measures = [self._assemble(r, plan, scores) for r, plan in zip(records, plans, strict=True)]
+        record_values = getattr(editor, "record_values", None)  # optional for duck-typed editors
+        if record_values is not None:
+            for m, extra in zip(measures, record_values(records), strict=True):
+                m.extra = dict(extra)
         if self.settings.exact_match:
             self._add_answers(editor, records, measures)
         if self.settings.fluency:
@@ -262,4 +268,5 @@ class RecordEvaluator:
                 values = [contrast(n.nll, t.nll, kind == "neighborhood") for n, t in pairs]
                 out[f"{short}S"] = sum(v[0] for v in values) / len(values) if values else None
                 out[f"{short}M"] = sum(v[1] for v in values) / len(values) if values else None
+        out.update(post.extra)
         return out

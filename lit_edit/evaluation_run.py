@@ -48,6 +48,7 @@ class EvaluationRun:
         settings: The evaluation settings.
         snapshot: A copy of the editor's tensors to verify each restore against (optional).
         device: Device of the metric states (the editor's device, for cross-process sync).
+        progress: Called with the number of edits applied, after each edit (a progress bar).
     """
 
     def __init__(
@@ -55,8 +56,10 @@ class EvaluationRun:
         settings: Evaluation,
         snapshot: ParameterSnapshot | None = None,
         device: torch.device | str = "cpu",
+        progress: Callable[[int], None] | None = None,
     ) -> None:
         self.settings = settings
+        self._progress = progress
         self.protocol = settings.protocol
         self.evaluator = RecordEvaluator(settings)
         self.snapshot = snapshot
@@ -151,7 +154,9 @@ class EvaluationRun:
     def _run_group(self, editor: EditorModule, records: list[EditRecord]) -> dict[str, float]:
         """Run the protocol on one group, verify the restore, update metrics and results."""
         with torch.inference_mode(False):
-            results = self.protocol.run(editor, records, self.evaluator, self._group)
+            results = self.protocol.run(
+                editor, records, self.evaluator, self._group, progress=self._progress
+            )
         if self.snapshot is not None:
             changed = self.snapshot.differences(editor)
             if changed:

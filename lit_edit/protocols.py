@@ -8,7 +8,7 @@ the ``pre`` values of every record) and once or several times after, with the sa
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -76,6 +76,7 @@ class EditingProtocol(ABC):
         records: Sequence[EditRecord],
         evaluator: RecordEvaluator,
         group: int,
+        progress: Callable[[int], None] | None = None,
     ) -> list[RecordResult]:
         """Edit and score one group of records, leaving the editor as it found it.
 
@@ -84,6 +85,7 @@ class EditingProtocol(ABC):
             records: At most ``group_size`` records.
             evaluator: Scores records under the editor's current state.
             group: Index of this group (for bookkeeping).
+            progress: Called with the number of edits just applied (for a progress bar).
 
         Returns:
             One result per record, in order.
@@ -118,6 +120,12 @@ class EditingProtocol(ABC):
         ]
 
 
+def _tick(progress: Callable[[int], None] | None, n: int) -> None:
+    """Report ``n`` applied edits to a progress callback, if any."""
+    if progress is not None:
+        progress(n)
+
+
 class SingleEdit(EditingProtocol):
     """Edit one record, score it, restore; for every record (EasyEdit's default protocol).
 
@@ -136,12 +144,13 @@ class SingleEdit(EditingProtocol):
         """Records consumed at a time (the chunk size)."""
         return self.chunk_size
 
-    def run(self, editor, records, evaluator, group):
+    def run(self, editor, records, evaluator, group, progress=None):
         """Edit, score and restore each record in turn (see :meth:`EditingProtocol.run`)."""
         pre = evaluator.measure(editor, records)
         post = []
         for record in records:
             with editor.edit([record]):
+                _tick(progress, 1)
                 post.extend(evaluator.measure(editor, [record]))
         n = len(records)
         return self._results(records, evaluator, pre, post, group, [0] * n, [1] * n)
@@ -168,10 +177,11 @@ class BatchEdit(EditingProtocol):
         """Records consumed at a time (the batch size)."""
         return self.batch_size
 
-    def run(self, editor, records, evaluator, group):
+    def run(self, editor, records, evaluator, group, progress=None):
         """Edit all records at once, score, restore (see :meth:`EditingProtocol.run`)."""
         pre = evaluator.measure(editor, records)
         with editor.edit(list(records)):
+            _tick(progress, len(records))
             post = evaluator.measure(editor, records)
         n = len(records)
         return self._results(records, evaluator, pre, post, group, [0] * n, [n] * n)
@@ -207,13 +217,14 @@ class SequentialEdit(EditingProtocol):
         """T."""
         return self.t
 
-    def run(self, editor, records, evaluator, group):
+    def run(self, editor, records, evaluator, group, progress=None):
         """Edit one by one, keep the edits, score, roll back (see :meth:`EditingProtocol.run`)."""
         pre = evaluator.measure(editor, records)
         post = []
         with HandleStack() as stack:
             for record in records:
                 stack.push(editor.edit([record]))
+                _tick(progress, 1)
                 if self.evaluate == "after_each":
                     post.extend(evaluator.measure(editor, [record]))
             if self.evaluate == "after_group":

@@ -21,6 +21,17 @@ from lit_edit.scoring import GeneratedAnswer, Generation, PairScore
 log = logging.getLogger(__name__)
 
 
+def _records_per_rank(loaders: Any) -> int | None:
+    """Records this process will see in the test loaders (``None`` when unknown)."""
+    if loaders is None:
+        return None
+    loaders = list(loaders) if isinstance(loaders, (list, tuple)) else [loaders]
+    try:
+        return sum(len(dl.sampler) for dl in loaders)  # a DistributedSampler counts one rank
+    except (TypeError, AttributeError):
+        return None
+
+
 class EditorModule(L.LightningModule):
     """Base class of every knowledge editor.
 
@@ -58,6 +69,7 @@ class EditorModule(L.LightningModule):
         self.model.requires_grad_(False)
         self.evaluation = Evaluation()
         self._run: EvaluationRun | None = None
+        self._bar: Any = None
 
     # ------------------------------------------------------------------ the editing contract
     @abstractmethod
@@ -97,6 +109,21 @@ class EditorModule(L.LightningModule):
             One generated answer per pair, in order.
         """
         return self.evaluation.scorer().generate_answers(self.model, self.tokenizer, pairs)
+
+    def record_values(self, records: Sequence[EditRecord]) -> list[dict[str, float | None]]:
+        """Method-specific values of each record under the current state (none by default).
+
+        Called by the evaluator right after scoring ``records``; the values join each record's
+        metric values in ``records.jsonl`` (keys with a ``/`` are also averaged in the summary's
+        ``breakdown``). E.g. LTE's retrieval hit rates.
+
+        Args:
+            records: The records just scored.
+
+        Returns:
+            One dict per record, in order.
+        """
+        return [{} for _ in records]
 
     def sample(self, prompts: Sequence[str], max_length: int, seed: int) -> list[Generation]:
         """Seeded top-k samples (fluency) under the editor's current state.
@@ -149,14 +176,22 @@ class EditorModule(L.LightningModule):
     def on_test_start(self) -> None:
         """Start an evaluation run: fresh metrics, results and (optionally) a weight snapshot."""
         snapshot = ParameterSnapshot(self) if self.evaluation.verify_restore else None
-        self._run = EvaluationRun(self.evaluation, snapshot=snapshot, device=self.device)
+        self._bar = None
+        if self.trainer.progress_bar_callback is not None and self.trainer.is_global_zero:
+            from tqdm.auto import tqdm
+
+            total = _records_per_rank(self.trainer.test_dataloaders)
+            self._bar = tqdm(total=total, desc="edits", unit="edit", dynamic_ncols=True)
+        progress = self._bar.update if self._bar is not None else None
+        self._run = EvaluationRun(
+            self.evaluation, snapshot=snapshot, device=self.device, progress=progress
+        )
 
     def test_step(self, batch: list[EditRecord], batch_idx: int) -> None:
         """Queue the batch's records and run the protocol on every complete group."""
         assert self._run is not None
         for metrics in self._run.add(self, batch):
             self._log_group(metrics)
-        self.log("edits", float(self._run.n_edited), prog_bar=True, on_step=True, on_epoch=False)
 
     def on_test_epoch_end(self) -> None:
         """Run the last incomplete group and log the aggregated metrics."""
@@ -165,6 +200,9 @@ class EditorModule(L.LightningModule):
             self._log_group(metrics)
         values = {f"test/{k}": v for k, v in self._run.computed().items() if v is not None}
         self.log_dict(values, sync_dist=False, batch_size=1)
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
 
     def _log_group(self, values: dict[str, float]) -> None:
         """Log one group's means as TensorBoard scalars indexed by the number of edits so far."""
