@@ -1,0 +1,90 @@
+"""Invented, pronounceable names for the entities of a TinyFacts world.
+
+Each entity type has its own shape (people: ``"First Last"`` with a one-word alias, cities end
+like ``"-holt"``, countries like ``"-ia"``, companies like ``" Labs"``, languages like ``"-ish"``),
+so a name's type is visible from its form, as with real names. All names of a world are distinct
+and no two share a word (company suffixes aside).
+"""
+
+from __future__ import annotations
+
+import random
+
+
+def _syllables() -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
+    onsets = ("b", "br", "d", "dr", "f", "g", "gr", "h", "k", "kr", "l", "m", "n", "p", "r", "s",
+              "st", "t", "tr", "v", "z", "sh", "th", "j")
+    vowels = ("a", "e", "i", "o", "u", "ae", "ia", "ou", "ei")
+    codas = ("", "", "", "n", "r", "l", "s", "m", "k", "th")
+    return onsets, vowels, codas
+
+
+def _suffixes() -> dict[str, tuple[str, ...]]:
+    return {
+        "city": ("holt", "mere", "ford", "burg", "dale", "port", "wick", "grad", "ton", "vik"),
+        "country": ("ia", "land", "stan", "ora", "ica", "mark"),
+        "company": (" Labs", " Group", " Works", " Systems", " Motors", " Foods", " Bank",
+                    " Media"),
+        "language": ("ish", "ese", "ic", "an", "i"),
+    }
+
+
+def _stem(rng: random.Random, n_syllables: int) -> str:
+    onsets, vowels, codas = _syllables()
+    parts = [rng.choice(onsets) + rng.choice(vowels) for _ in range(n_syllables)]
+    parts[-1] += rng.choice(codas)
+    return "".join(parts)
+
+
+def _one(rng: random.Random, kind: str) -> str:
+    if kind == "person":
+        return f"{_stem(rng, rng.choice((1, 2))).capitalize()} {_stem(rng, 2).capitalize()}"
+    if kind == "alias":
+        return _stem(rng, 2).capitalize()
+    if kind in ("city", "country", "language"):
+        return _stem(rng, rng.choice((1, 2))).capitalize() + rng.choice(_suffixes()[kind])
+    if kind == "company":
+        return _stem(rng, 2).capitalize() + rng.choice(_suffixes()[kind])
+    raise ValueError(f"unknown entity kind {kind!r}")
+
+
+def generate_names(rng: random.Random, counts: dict[str, int]) -> dict[str, tuple[str, ...]]:
+    """Draw distinct names for each kind of entity.
+
+    Args:
+        rng: Source of randomness (consumed in a fixed order, so the result is seeded).
+        counts: Number of names per kind, among ``person``, ``alias``, ``city``, ``country``,
+            ``company`` and ``language``; kinds are drawn in this order.
+
+    Returns:
+        The names of each kind, in drawing order.
+
+    Raises:
+        RuntimeError: if the name space is too small for the requested counts.
+    """
+    order = ("person", "alias", "city", "country", "company", "language")
+    taken: set[str] = set()
+    words: set[str] = set()
+    out: dict[str, tuple[str, ...]] = {}
+    for kind in order:
+        names: list[str] = []
+        attempts = 0
+        while len(names) < counts.get(kind, 0):
+            attempts += 1
+            if attempts > 200 * (counts[kind] + 10):
+                raise RuntimeError(f"could not draw {counts[kind]} distinct {kind} names")
+            name = _one(rng, kind)
+            # distinct whole names; distinct distinctive words (no shared first/last names etc.)
+            own = {w for w in name.split() if w not in _shared_words()}
+            if name in taken or own & words:
+                continue
+            taken.add(name)
+            words |= own
+            names.append(name)
+        out[kind] = tuple(names)
+    return out
+
+
+def _shared_words() -> frozenset[str]:
+    """Words that may occur in many names (company suffixes)."""
+    return frozenset(s.strip() for s in _suffixes()["company"])
