@@ -1,0 +1,240 @@
+"""The LTE DataModule: alignment samples for ``fit``, edit records for ``test``."""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from collections.abc import Iterator, Sequence
+from typing import Any, Literal
+
+from lightning.pytorch import LightningDataModule
+from torch.utils.data import DataLoader, Sampler
+
+from lit_edit.data.datamodule import EditDataModule
+from lit_edit.data.lte_parallel import ParallelDataBuilder, sample_stats
+from lit_edit.data.reading import read_conversations
+from lit_edit.nn.retrieval import DEFAULT_ENCODER, Encoder, load_encoder
+from lit_edit.records import QAPair
+
+log = logging.getLogger(__name__)
+
+
+class LengthBuckets(Sampler[list[int]]):
+    """Seeded batches of samples of similar length (less padding), in a random order.
+
+    Samples are shuffled, cut into chunks of 32 batches, sorted by length inside a chunk, batched,
+    and the batches shuffled. Epoch ``e`` uses seed ``seed + e``.
+
+    Args:
+        lengths: A length (any unit) per sample.
+        batch_size: Samples per batch.
+        seed: Seed of the order.
+    """
+
+    def __init__(self, lengths: Sequence[int], batch_size: int, seed: int) -> None:
+        self.lengths = list(lengths)
+        self.batch_size = batch_size
+        self.seed = seed
+        self.epoch = 0
+
+    def __iter__(self) -> Iterator[list[int]]:
+        rng = random.Random(self.seed + self.epoch)
+        self.epoch += 1
+        order = list(range(len(self.lengths)))
+        rng.shuffle(order)
+        chunk = self.batch_size * 32
+        batches: list[list[int]] = []
+        for start in range(0, len(order), chunk):
+            group = sorted(order[start : start + chunk], key=self.lengths.__getitem__)
+            size = self.batch_size
+            batches += [group[i : i + size] for i in range(0, len(group), size)]
+        rng.shuffle(batches)
+        return iter(batches)
+
+    def __len__(self) -> int:
+        chunk = self.batch_size * 32
+        n = len(self.lengths)
+        return sum(math.ceil(min(chunk, n - s) / self.batch_size) for s in range(0, n, chunk))
+
+
+def _collate_pairs(batch: list[QAPair]) -> list[QAPair]:
+    return list(batch)
+
+
+class LTEDataModule(LightningDataModule):
+    """LTE alignment data for ``fit`` and edit records for ``test``, from one config.
+
+    ``fit`` trains on (human turn, answer) pairs: read from LTE/FastChat files
+    (``train_conversations``, ``val_conversations``) or, when a split has no file, built from the
+    matching split of ``edits`` with :class:`~lit_edit.data.lte_parallel.ParallelDataBuilder`.
+    ``test`` serves the test records of ``edits`` (the editing protocol). Batches are lists of
+    :class:`~lit_edit.records.QAPair` (prompt = the human turn, before chat wrapping); the editor
+    wraps and tokenizes them, exactly as it does at evaluation.
+
+    Args:
+        edits: Edit records (e.g. ``TinyFactsDataModule`` or an ``EditDataModule`` on ZsRE,
+            CounterFact or KnowEdit files): train/val splits to build alignment data from, and the
+            test split to edit.
+        train_edits: More edit data for the alignment samples only: the train split of each is
+            built like ``edits``' (edited samples only; the unedited twins would repeat). E.g. the
+            same TinyFacts world and split with other ``record_seed`` s: new targets for the same
+            facts, so that the model learns to read the fact rather than memorise answers.
+        train_conversations: FastChat/LTE training file (``LTE_train_data.json`` format).
+        val_conversations: FastChat/LTE validation file.
+        encoder: Sentence encoder of the nearest-neighbour distractors (``"hashing"`` for a
+            model-free lexical one).
+        fact_counts: Probabilities of 1, 2 and 3 facts in a fact list.
+        n_neighbours: Nearest other facts distractors are drawn from.
+        max_in_scope: Most in-scope questions per record (``None``: all).
+        max_out_of_scope: Most out-of-scope (locality) questions per record (``None``: all).
+        unedited_twins: Also train on the questions without facts.
+        unedited_answers: Where the unedited answers of portability questions come from:
+            ``"dataset"`` (none: no portability twin) or ``"model"`` (greedy answers of the
+            editor's backbone before alignment, via its ``unedited_answers`` method).
+        seed: Seed of the builder's choices.
+        max_val_samples: Most validation samples (seeded subsample; ``None``: all).
+        batch_size: Samples per training batch.
+        eval_batch_size: Samples per validation batch (default: ``batch_size``); test batches
+            are sized by ``edits``.
+        num_workers: DataLoader worker processes.
+        shuffle_seed: Seed of the training order.
+    """
+
+    def __init__(
+        self,
+        edits: EditDataModule | None = None,
+        train_edits: list[EditDataModule] | None = None,
+        train_conversations: str | None = None,
+        val_conversations: str | None = None,
+        encoder: str = DEFAULT_ENCODER,
+        fact_counts: list[float] | None = None,
+        n_neighbours: int = 5,
+        max_in_scope: int | None = None,
+        max_out_of_scope: int | None = None,
+        unedited_twins: bool = True,
+        unedited_answers: Literal["dataset", "model"] = "dataset",
+        seed: int = 0,
+        max_val_samples: int | None = 2000,
+        batch_size: int = 16,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        shuffle_seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if edits is None and train_conversations is None:
+            raise ValueError("give `edits` (to build alignment data) or `train_conversations`")
+        if unedited_answers not in ("dataset", "model"):
+            raise ValueError(
+                f"unedited_answers must be 'dataset' or 'model', got {unedited_answers!r}"
+            )
+        self.edits = edits
+        self.train_edits = list(train_edits or [])
+        self.paths = {"train": train_conversations, "val": val_conversations}
+        self.encoder = encoder
+        self.fact_counts = list(fact_counts) if fact_counts is not None else [0.5, 0.25, 0.25]
+        self.n_neighbours = n_neighbours
+        self.max_in_scope = max_in_scope
+        self.max_out_of_scope = max_out_of_scope
+        self.unedited_twins = unedited_twins
+        self.unedited_answers = unedited_answers
+        self.seed = seed
+        self.max_val_samples = max_val_samples
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers = num_workers
+        self.shuffle_seed = shuffle_seed
+        self.samples: dict[str, list[QAPair]] = {}
+        self._encoder: Encoder | None = None
+
+    def builder(self, primary: bool = True) -> ParallelDataBuilder:
+        """The parallel-data builder these settings describe (``primary``: for ``edits``)."""
+        answerer = None
+        if self.unedited_answers == "model" and primary:
+            module = self.trainer.lightning_module if self.trainer is not None else None
+            answerer = getattr(module, "unedited_answers", None)
+            if answerer is None:
+                raise ValueError(
+                    "unedited_answers='model' needs an editor with an `unedited_answers` method "
+                    "(e.g. LTEEditor) attached through a Trainer"
+                )
+        if self._encoder is None:
+            self._encoder = load_encoder(self.encoder)
+        return ParallelDataBuilder(
+            encoder=self._encoder,
+            fact_counts=self.fact_counts,
+            n_neighbours=self.n_neighbours,
+            seed=self.seed,
+            max_in_scope=self.max_in_scope,
+            max_out_of_scope=self.max_out_of_scope,
+            unedited_twins=self.unedited_twins and primary,
+            unedited_answers=answerer,
+        )
+
+    def _split_samples(self, split: str) -> list[QAPair]:
+        path = self.paths[split]
+        if path is not None:
+            pairs = [QAPair(c.prompt, c.answer) for c in read_conversations(path).records]
+            log.info("%s: %d alignment samples from %s", split, len(pairs), path)
+            return pairs
+        sources = [(self.edits, True)] if self.edits is not None else []
+        if split == "train":
+            sources += [(extra, False) for extra in self.train_edits]
+        pairs: list[QAPair] = []
+        for edits, primary in sources:
+            records = edits.records.get(split, [])
+            if not records:
+                continue
+            samples = self.builder(primary).build(records)
+            log.info(
+                "%s: %d alignment samples from %d edit records %s",
+                split, len(samples), len(records), sample_stats(samples),
+            )
+            pairs += [QAPair(s.human, s.answer) for s in samples]
+        return pairs
+
+    def setup(self, stage: str) -> None:
+        """Build or read the alignment samples (``fit``), or prepare the test records."""
+        if stage in ("fit", "validate"):
+            if self.edits is not None and self.paths["train"] is None:
+                self.edits.setup(stage)  # alignment data built from the edit records
+            if stage == "fit" and self.paths["train"] is None:
+                for extra in self.train_edits:
+                    extra.setup(stage)
+            splits = ("train", "val") if stage == "fit" else ("val",)
+            for split in splits:
+                self.samples[split] = self._split_samples(split)
+            val = self.samples.get("val", [])
+            if self.max_val_samples is not None and len(val) > self.max_val_samples:
+                self.samples["val"] = random.Random(self.seed).sample(val, self.max_val_samples)
+            if stage == "fit" and not self.samples["train"]:
+                raise ValueError("LTEDataModule has no training samples")
+        else:
+            if self.edits is None:
+                raise ValueError(f"stage {stage!r} edits records: set `edits`")
+            self.edits.setup(stage)
+
+    def train_dataloader(self) -> DataLoader[Any]:
+        """Length-bucketed, seeded batches of training samples."""
+        samples = self.samples["train"]
+        lengths = [len(s.prompt) + len(s.answer) for s in samples]
+        return DataLoader(
+            samples,  # type: ignore[arg-type]
+            batch_sampler=LengthBuckets(lengths, self.batch_size, self.shuffle_seed),
+            collate_fn=_collate_pairs,
+            num_workers=self.num_workers,
+        )
+
+    def val_dataloader(self) -> DataLoader[Any]:
+        """Batches of validation samples (empty when there are none)."""
+        return DataLoader(
+            self.samples.get("val", []),  # type: ignore[arg-type]
+            batch_size=self.eval_batch_size,
+            collate_fn=_collate_pairs,
+            num_workers=self.num_workers,
+        )
+
+    def test_dataloader(self) -> DataLoader[Any]:
+        """The test edit records of ``edits``."""
+        assert self.edits is not None
+        return self.edits.test_dataloader()

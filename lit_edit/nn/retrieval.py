@@ -1,0 +1,297 @@
+"""Edit memory with embeddings: LTE's retrieval-based inference (METHODS.md §5.5).
+
+An edit is stored as (key = embedding of the edit question, value = the fact sentence). A query
+is embedded with the same sentence encoder and matched by normalised dot product (cosine):
+
+    score(q, i) = <q / |q|, k_i / |k_i|>,   top-k over i
+
+with no similarity threshold by default (the paper has none: every query, out-of-scope ones
+included, gets its top-k facts, and the aligned model learns to ignore irrelevant ones); an optional
+threshold drops facts scoring below it.
+
+Three parts, plain torch (no Lightning):
+
+* :class:`Encoder` — anything with ``encode(list[str]) -> Tensor [N, D]``;
+  :class:`SentenceEncoder` wraps sentence-transformers (lazy import), :class:`HashingEncoder` is a
+  dependency-free character n-gram encoder for tests and benchmarks (both in
+  :mod:`lit_edit.nn.lte_encoders`, re-exported here);
+* :class:`EditMemory` — the keys and values, an ``nn.Module`` whose content saves and loads with
+  the module's ``state_dict`` (so with a Lightning checkpoint);
+* :class:`Retriever` — an encoder and a memory: insert edits, retrieve facts for queries.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lit_edit.nn.lte_encoders import (
+    DEFAULT_ENCODER,
+    PAPER_ENCODER,
+    Encoder,
+    HashingEncoder,
+    SentenceEncoder,
+    load_encoder,
+)
+
+__all__ = [
+    "DEFAULT_ENCODER",
+    "PAPER_ENCODER",
+    "EditMemory",
+    "Encoder",
+    "HashingEncoder",
+    "Retrieved",
+    "Retriever",
+    "SentenceEncoder",
+    "load_encoder",
+]
+
+class EditMemory(nn.Module):
+    """Keys (normalised question embeddings) and values (fact sentences) of the inserted edits.
+
+    Keys are stored in ``key_dtype`` (float16 by default: half the memory traffic of a scan, the
+    cost of a single query on a CPU) in a buffer that grows by doubling, so inserting is amortised
+    ``O(D)``. A search scores every key (a few queries: matrix-vector products in ``key_dtype``;
+    more: float32 matrix products over chunks of keys), keeps the best ``k + rerank`` candidates
+    and re-scores those in float32, so the returned order and scores are float32-exact up to the
+    keys' rounding. The content is the module's *extra state*: it is part of ``state_dict()`` and
+    of Lightning checkpoints, whatever its size.
+
+    Args:
+        key_dtype: Storage dtype of the keys: ``"float16"``, ``"bfloat16"`` or ``"float32"``.
+        rerank: Extra candidates re-scored in float32 after the first pass.
+    """
+
+    def __init__(self, key_dtype: str = "float16", rerank: int = 16) -> None:
+        super().__init__()
+        dtypes = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+        if key_dtype not in dtypes:
+            raise ValueError(f"key_dtype must be one of {sorted(dtypes)}, got {key_dtype!r}")
+        if rerank < 0:
+            raise ValueError(f"rerank must be >= 0, got {rerank}")
+        self.key_dtype = key_dtype
+        self.rerank = rerank
+        self._dtype = dtypes[key_dtype]
+        self._keys = torch.zeros(0, 0, dtype=self._dtype)  # [capacity, D]
+        self._size = 0
+        self.questions: list[str] = []
+        self.facts: list[str] = []
+
+    def __len__(self) -> int:
+        return self._size
+
+    @property
+    def dim(self) -> int | None:
+        """Key dimension (``None`` until the first insertion)."""
+        return self._keys.shape[1] or None
+
+    @property
+    def keys(self) -> torch.Tensor:
+        """``[N, D]`` the stored (normalised) keys."""
+        return self._keys[: self._size]
+
+    def add(self, keys: torch.Tensor, questions: Sequence[str], facts: Sequence[str]) -> None:
+        """Append edits.
+
+        Args:
+            keys: ``[N, D]`` embeddings of the edit questions (normalised here).
+            questions: The ``N`` questions (kept for inspection).
+            facts: The ``N`` fact sentences (the values).
+
+        Raises:
+            ValueError: on mismatched lengths or a key dimension other than the memory's.
+        """
+        if keys.dim() != 2 or not (keys.shape[0] == len(questions) == len(facts)):
+            raise ValueError(
+                f"need [N, D] keys and N questions and facts, got keys {tuple(keys.shape)}, "
+                f"{len(questions)} questions, {len(facts)} facts"
+            )
+        n, d = keys.shape
+        if self.dim is not None and d != self.dim:
+            raise ValueError(f"key dimension {d} differs from the memory's {self.dim}")
+        needed = self._size + n
+        if needed > self._keys.shape[0] or self._keys.shape[1] != d:
+            capacity = max(needed, 2 * self._keys.shape[0], 64)
+            grown = torch.zeros(capacity, d, dtype=self._dtype)
+            if self._size:
+                grown[: self._size] = self._keys[: self._size]
+            self._keys = grown
+        self._keys[self._size : needed] = F.normalize(keys.detach().float().cpu(), dim=-1).to(
+            self._dtype
+        )
+        self._size = needed
+        self.questions.extend(questions)
+        self.facts.extend(facts)
+
+    def truncate(self, size: int) -> None:
+        """Forget every edit after the first ``size`` (undo of later insertions)."""
+        if not 0 <= size <= self._size:
+            raise ValueError(f"cannot truncate a memory of {self._size} edits to {size}")
+        self._size = size
+        del self.questions[size:]
+        del self.facts[size:]
+
+    def clear(self) -> None:
+        """Forget every edit."""
+        self.truncate(0)
+
+    def search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-``k`` keys of each query by cosine similarity.
+
+        Args:
+            queries: ``[Q, D]`` query embeddings (normalised here).
+            k: Results per query (fewer when the memory holds fewer edits).
+
+        Returns:
+            ``(scores, indices)``, both ``[Q, min(k, N)]``, best first; scores are float32.
+        """
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        n = self._size
+        q = F.normalize(queries.detach().float().cpu(), dim=-1)  # [Q, D]
+        if n == 0:
+            empty = torch.zeros(q.shape[0], 0)
+            return empty, empty.long()
+        keys = self._keys[:n]  # [N, D]
+        if q.shape[0] <= 4 or self._dtype == torch.float32:  # memory-bound: scan in key dtype
+            qk = q.to(self._dtype)
+            first = torch.stack([torch.mv(keys, row) for row in qk]) if q.shape[0] <= 4 else (
+                qk @ keys.T
+            )  # [Q, N]
+        else:  # compute-bound: float32 matrix products over chunks of keys
+            first = torch.cat(
+                [q @ keys[i : i + 16384].float().T for i in range(0, n, 16384)], dim=1
+            )  # [Q, N]
+        c = min(n, k + self.rerank)
+        cand = first.float().topk(c, dim=-1).indices  # [Q, c]
+        exact = torch.einsum("qd,qcd->qc", q, keys[cand].float())  # [Q, c]
+        kk = min(k, n)
+        scores, order = exact.topk(kk, dim=-1)  # [Q, k]
+        return scores, cand.gather(-1, order)
+
+    def get_extra_state(self) -> dict[str, Any]:
+        """The content, saved in ``state_dict()`` (keys as float32, questions, facts)."""
+        return {
+            "keys": self.keys.float().clone(),
+            "questions": list(self.questions),
+            "facts": list(self.facts),
+        }
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        """Restore the content written by :meth:`get_extra_state`."""
+        self._keys = torch.zeros(0, 0, dtype=self._dtype)
+        self._size = 0
+        self.questions, self.facts = [], []
+        keys = state["keys"]
+        if len(state["facts"]):
+            self.add(keys, state["questions"], state["facts"])
+
+    def extra_repr(self) -> str:
+        """Size, dimension and key dtype (shown in the module's repr)."""
+        return f"size={self._size}, dim={self.dim}, key_dtype={self.key_dtype}"
+
+
+@dataclass(frozen=True)
+class Retrieved:
+    """One retrieved edit.
+
+    Attributes:
+        index: Position of the edit in the memory.
+        fact: The fact sentence.
+        score: Cosine similarity between the query and the edit question.
+    """
+
+    index: int
+    fact: str
+    score: float
+
+
+class Retriever:
+    """Inserts edits into an :class:`EditMemory` and retrieves facts for queries.
+
+    Query embeddings are cached (``cache_size`` most recent texts), so scoring, generating and
+    measuring hit rates on the same prompts embeds each of them once.
+
+    Args:
+        encoder: The sentence encoder (keys and queries).
+        memory: The memory (a new one when ``None``).
+        top_k: Facts retrieved per query (the paper's inference uses 1).
+        threshold: Drop facts whose similarity is below this (``None``: keep all, the paper).
+        cache_size: Query embeddings kept.
+    """
+
+    def __init__(
+        self,
+        encoder: Encoder,
+        memory: EditMemory | None = None,
+        top_k: int = 1,
+        threshold: float | None = None,
+        cache_size: int = 8192,
+    ) -> None:
+        if top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {top_k}")
+        self.encoder = encoder
+        self.memory = memory if memory is not None else EditMemory()
+        self.top_k = top_k
+        self.threshold = threshold
+        self.cache_size = cache_size
+        self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+
+    def embed(self, texts: Sequence[str]) -> torch.Tensor:
+        """``[N, D]`` embeddings of ``texts`` (cached)."""
+        missing = list(dict.fromkeys(t for t in texts if t not in self._cache))
+        if missing:
+            for text, emb in zip(missing, self.encoder.encode(missing), strict=True):
+                self._cache[text] = emb
+        out = torch.stack([self._cache[t] for t in texts]) if texts else torch.zeros(0, 0)
+        for text in texts:
+            self._cache.move_to_end(text)
+        while len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
+        return out
+
+    def insert(self, questions: Sequence[str], facts: Sequence[str]) -> int:
+        """Insert edits in bulk (one encoder call).
+
+        Args:
+            questions: Edit questions (the keys are their embeddings).
+            facts: The facts (values), one per question.
+
+        Returns:
+            The memory size before the insertion (truncate to it to undo).
+        """
+        size = len(self.memory)
+        if questions:
+            self.memory.add(self.embed(questions), questions, facts)
+        return size
+
+    def retrieve(self, queries: Sequence[str], k: int | None = None) -> list[list[Retrieved]]:
+        """The facts of the top-``k`` edits for each query (best first).
+
+        Args:
+            queries: Query texts.
+            k: Facts per query (default :attr:`top_k`).
+
+        Returns:
+            Per query, up to ``k`` retrieved edits (none when the memory is empty, or below the
+            threshold).
+        """
+        if not queries:
+            return []
+        if len(self.memory) == 0:
+            return [[] for _ in queries]
+        scores, indices = self.memory.search(self.embed(queries), k or self.top_k)
+        out = []
+        for row_s, row_i in zip(scores.tolist(), indices.tolist(), strict=True):
+            out.append([
+                Retrieved(i, self.memory.facts[i], s)
+                for s, i in zip(row_s, row_i, strict=True)
+                if self.threshold is None or s >= self.threshold
+            ])
+        return out

@@ -1,0 +1,151 @@
+"""LTEEditor on the TinyFacts model: loss mask, LoRA, memory checkpointing, real entry points."""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from lit_edit.cli import LitEditCLI, evaluate_main, train_main
+from lit_edit.data.collate import IGNORE_INDEX
+from lit_edit.methods.lte import LTEEditor, default_lora_targets
+from lit_edit.records import EditRecord, QAPair
+
+BACKBONE = os.environ.get("LIT_EDIT_TEST_BACKBONE", "tinyfacts")
+CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "lte"
+
+
+@pytest.fixture(scope="module")
+def editor():
+    return LTEEditor(backbone=BACKBONE, retriever="hashing")
+
+
+def test_loss_mask_covers_only_the_answer_and_eos(editor):
+    pairs = [QAPair("Where was Ann born?", "Paris"), QAPair("A longer question about x?", "B C")]
+    batch = editor.encode_samples(pairs)
+    tok = editor.tokenizer
+    for row, pair in enumerate(pairs):
+        ids, labels = batch["input_ids"][row], batch["labels"][row]
+        mask = batch["attention_mask"][row].bool()
+        scored = labels != IGNORE_INDEX
+        assert torch.equal(labels[scored], ids[scored])
+        assert not (scored & ~mask).any()  # padding is never a label
+        assert labels[scored][-1] == tok.eos_token_id
+        assert tok.decode(labels[scored][:-1]) == " " + pair.answer
+        n_prompt = int(mask.sum()) - int(scored.sum())
+        assert tok.decode(ids[:n_prompt], skip_special_tokens=True) == pair.prompt
+        assert not scored[:n_prompt].any()
+    assert batch["attention_mask"][0, -1] == 0 or batch["attention_mask"][1, -1] == 0  # right pad
+
+
+def test_lora_trains_adapters_only_and_checkpoints_them_alone():
+    lora = LTEEditor(backbone=BACKBONE, finetune="lora", lr=1e-2, retriever="hashing")
+    assert default_lora_targets(lora.model.get_base_model()) == ["c_attn"]
+    state = lora.state_dict()
+    base = {k: v.clone() for k, v in state.items() if k.startswith("model.") and "lora_" not in k}
+    trainable = [n for n, p in lora.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    batch = lora.encode_samples([QAPair("Where was Ann born?", "Paris")] * 4)
+    optimizer = torch.optim.AdamW([p for p in lora.parameters() if p.requires_grad], lr=1e-2)
+    lora.train()
+    for _ in range(3):
+        loss, _ = lora._loss(batch)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    after = lora.state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in base.items())  # base weights untouched
+    assert any(not torch.equal(p, torch.zeros_like(p)) for n, p in lora.named_parameters()
+               if "lora_B" in n)
+    checkpoint = {"state_dict": dict(after)}
+    lora.on_save_checkpoint(checkpoint)
+    kept = [k for k in checkpoint["state_dict"] if k.startswith("model.")]
+    assert kept and all("lora_" in k for k in kept)
+
+
+def test_memory_is_in_the_state_dict_and_edits_restore(editor):
+    records = [
+        EditRecord("Where was Ann born?", "Paris", ground_truth=("Rome",)),
+        EditRecord("Who employs Bob?", "Acme"),
+    ]
+    with editor.edit(records):
+        state = {k: v for k, v in editor.state_dict().items() if not k.startswith("model.")}
+        prompts = editor.contextualise(["Where was Ann born?", "Who employs Bob?"])
+        assert "[Updated Information]:\nWhere was Ann born? Paris\n\n" in prompts[0]
+        assert prompts[1].endswith("[Question]:\nWho employs Bob?")
+        values = editor.record_values(records)
+        assert values == [{"retrieval/hit@1": 1.0, "retrieval/hit@k": 1.0}] * 2
+    assert len(editor.memory) == 0
+    assert editor.contextualise(["Who employs Bob?"]) == ["Who employs Bob?"]  # bare pre-edit
+    other = LTEEditor(backbone=BACKBONE, retriever="hashing")
+    other.load_state_dict({**other.state_dict(), **state})
+    assert other.memory.facts == [r.fact for r in records]
+
+
+def _tiny_args(tmp_path, *extra):
+    return [
+        "--config", str(CONFIGS / "tinyfacts.yaml"),
+        "--model.init_args.retriever", "hashing",
+        "--data.init_args.encoder", "hashing",
+        "--data.init_args.train_edits", "[]",
+        "--data.init_args.edits.init_args.n_test", "12",
+        "--data.init_args.edits.init_args.n_val", "6",
+        "--data.init_args.edits.init_args.n_train", "30",
+        "--data.init_args.edits.init_args.eval_batch_size", "6",
+        "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"),
+        "--trainer.enable_progress_bar", "false",
+        *extra,
+    ]
+
+
+def test_short_fit_lowers_the_loss(tmp_path):
+    cli = train_main([
+        "fit",
+        *_tiny_args(tmp_path),
+        "--data.init_args.unedited_answers", "dataset",
+        "--data.init_args.batch_size", "16",
+        "--model.init_args.lr", "3e-3",
+        "--trainer.max_epochs", "1",
+        "--trainer.limit_train_batches", "24",
+        "--trainer.limit_val_batches", "2",
+        "--trainer.val_check_interval", "1.0",
+        "--trainer.callbacks.init_args.dirpath", str(tmp_path / "ckpt"),
+    ])
+    samples = cli.datamodule.samples["train"][:32]
+    fresh = LTEEditor(backbone=BACKBONE, retriever="hashing", context_length=256)
+    batch = fresh.encode_samples(samples)
+    with torch.no_grad():
+        before, _ = fresh._loss(batch)
+        after, _ = cli.model.eval()._loss(batch)
+    assert after < 0.8 * before
+    assert (tmp_path / "ckpt" / "lte.ckpt").exists()
+
+
+def test_evaluate_sequential_logs_retrieval_hits(tmp_path):
+    cli = evaluate_main([
+        *_tiny_args(tmp_path),
+        "--config", str(CONFIGS / "eval_sequential_10.yaml"),
+        "--evaluation.protocol.init_args.group_size", "4",
+        "--evaluation.exact_match", "false",
+        "--evaluation.results_dir", str(tmp_path / "results"),
+    ])
+    metrics = cli.trainer.callback_metrics
+    assert 0.0 <= float(metrics["test/retrieval_hit@1"]) <= 1.0
+    assert "test/reliability" in metrics and "test/locality" in metrics
+    lines = (tmp_path / "results" / "records.jsonl").read_text().splitlines()
+    rows = [json.loads(x) for x in lines]
+    assert len(rows) == 12 and all("retrieval/hit@1" in r["post"] for r in rows)
+    summary = json.loads((tmp_path / "results" / "summary.json").read_text())
+    assert "retrieval/hit@1" in summary["breakdown"]
+    assert len(cli.model.memory) == 0
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in CONFIGS.glob("*.yaml")))
+def test_every_shipped_config_parses(name):
+    args = ["--config", str(CONFIGS / name)]
+    if name.startswith("eval_"):  # protocol overlays of the TinyFacts config
+        args = ["--config", str(CONFIGS / "tinyfacts.yaml"), *args]
+    with pytest.raises(SystemExit) as exit_info:
+        LitEditCLI(args=["fit", *args, "--print_config"])
+    assert exit_info.value.code in (0, None)
