@@ -3,5 +3,7 @@
 from lit_edit.methods.base import EditorModule
 from lit_edit.methods.ft import FTEditor
 from lit_edit.methods.ike import IKEEditor
+from lit_edit.methods.lte import LTEEditor
+from lit_edit.methods.mend import MENDEditor
 
-__all__ = ["EditorModule", "FTEditor", "IKEEditor"]
+__all__ = ["EditorModule", "FTEditor", "IKEEditor", "LTEEditor", "MENDEditor"]

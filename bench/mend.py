@@ -1,0 +1,178 @@
+"""MEND on the tiny model: training steps/s, edit latency, and the Lightning loop's overhead.
+
+Builds the editor and the data of a MEND config (default: the TinyFacts quick-start config),
+then, in one run:
+
+* trains with ``lightning.Trainer.fit`` (no logger, checkpointing or progress bar; accumulation
+  and clipping as configured) and with a bare PyTorch loop doing the same step on the same
+  batches (tokenize, ``meta_step``, backward, finite check, clip, Adam step), alternately
+  ``--rounds`` times from the same initial state, and reports the best time of each;
+* times ``edit`` (one gradient + one editor pass, in place) followed by ``restore``, the way the
+  single-edit protocol calls them under ``torch.inference_mode``.
+
+    python bench/mend.py [--config configs/mend/tinyfacts.yaml] [--steps 300] [--edits 200]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import yaml
+from torch.utils.data import DataLoader
+
+from lit_edit.methods import MENDEditor
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def instantiate(spec: dict[str, Any], **override: Any) -> Any:
+    """Build ``class_path(**init_args)`` from a config section."""
+    module, _, name = spec["class_path"].rpartition(".")
+    cls = getattr(importlib.import_module(module), name)
+    return cls(**{**spec.get("init_args", {}), **override})
+
+
+class StepTimer(L.Callback):
+    """Wall time of the optimizer steps after the first ``warmup`` (excludes fit's setup)."""
+
+    def __init__(self, warmup: int) -> None:
+        self.warmup = warmup
+        self.start: float | None = None
+        self.end: float | None = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # noqa: ANN001
+        if self.start is None and trainer.global_step == self.warmup:
+            self.start = time.perf_counter()
+
+    def on_train_end(self, trainer, pl_module) -> None:  # noqa: ANN001
+        self.end = time.perf_counter()
+
+
+def loader(records: list, seed: int) -> DataLoader:
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(records, batch_size=1, shuffle=True, generator=generator, collate_fn=list)
+
+
+def lightning_run(editor: MENDEditor, records: list, steps: int, warmup: int, accumulate: int,
+                  clip: float | None) -> float:
+    timer = StepTimer(warmup)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=warmup + steps,
+        accumulate_grad_batches=accumulate,
+        gradient_clip_val=clip,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        callbacks=[timer],
+    )
+    trainer.fit(editor, loader(records, 0))
+    assert timer.start is not None and timer.end is not None
+    return timer.end - timer.start
+
+
+def bare_run(editor: MENDEditor, records: list, steps: int, warmup: int, accumulate: int,
+             clip: float | None) -> float:
+    """The same optimisation in a plain loop (what ``fit`` does, minus Lightning)."""
+    editor.train()
+    optimizer = editor.configure_optimizers()
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    done, micro, start = 0, 0, None
+    while done < warmup + steps:
+        for records_batch in loader(records, 0):
+            if done == warmup and start is None:
+                start = time.perf_counter()
+            batch = editor.collator(records_batch)
+            loss = editor.meta_step(batch)["loss"] / accumulate
+            loss.backward()
+            micro += 1
+            if micro % accumulate:
+                continue
+            grads = [p.grad for p in params if p.grad is not None]
+            if not torch.stack([g.isfinite().all() for g in grads]).all():
+                for p in params:
+                    p.grad = None
+            if clip is not None:
+                torch.nn.utils.clip_grad_norm_(params, clip)
+            optimizer.step()
+            optimizer.zero_grad()
+            done += 1
+            if done >= warmup + steps:
+                break
+    assert start is not None
+    return time.perf_counter() - start
+
+
+def edit_latency(editor: MENDEditor, records: list) -> tuple[float, float]:
+    """Mean milliseconds of ``edit`` and of ``restore``, under inference mode."""
+    editor.eval()
+    t_edit = t_restore = 0.0
+    with torch.inference_mode():
+        for record in records[:5]:  # warm-up
+            editor.edit([record]).restore()
+        for record in records:
+            t0 = time.perf_counter()
+            handle = editor.edit([record])
+            t1 = time.perf_counter()
+            handle.restore()
+            t_restore += time.perf_counter() - t1
+            t_edit += t1 - t0
+    return 1000 * t_edit / len(records), 1000 * t_restore / len(records)
+
+
+def main() -> None:
+    """Run the benchmark and print its numbers."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default=str(REPO / "configs/mend/tinyfacts.yaml"))
+    parser.add_argument("--steps", type=int, default=300, help="timed optimizer steps")
+    parser.add_argument("--warmup", type=int, default=20, help="untimed optimizer steps first")
+    parser.add_argument("--edits", type=int, default=200)
+    parser.add_argument("--rounds", type=int, default=2, help="alternate Lightning/bare runs")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    config = yaml.safe_load(Path(args.config).read_text())
+    trainer_cfg = config.get("trainer", {})
+    accumulate = int(trainer_cfg.get("accumulate_grad_batches", 1))
+    clip = trainer_cfg.get("gradient_clip_val")
+    data = instantiate(config["data"])
+    data.setup("fit")
+    records = data.records["train"]
+    print(f"config {args.config}: {len(records)} training records, accumulate {accumulate}, "
+          f"clip {clip}, {args.threads} thread(s)")
+
+    L.seed_everything(0, verbose=False)
+    editor = instantiate(config["model"])
+    initial = {k: v.clone() for k, v in editor.state_dict().items()}
+    n_micro = args.steps * accumulate
+    times: dict[str, list[float]] = {"lightning": [], "bare": []}
+    for _ in range(args.rounds):
+        for name, run in (("lightning", lightning_run), ("bare", bare_run)):
+            editor.load_state_dict(initial)
+            times[name].append(run(editor, records, args.steps, args.warmup, accumulate, clip))
+    t_l, t_b = min(times["lightning"]), min(times["bare"])
+    print(f"training, Lightning fit: {args.steps / t_l:.1f} optimizer steps/s "
+          f"({n_micro / t_l:.1f} edits/s; best of {args.rounds}: {t_l:.2f} s)")
+    print(f"training, bare loop:     {args.steps / t_b:.1f} optimizer steps/s "
+          f"({n_micro / t_b:.1f} edits/s; best of {args.rounds}: {t_b:.2f} s)")
+    print(f"Lightning overhead: {100 * (t_l / t_b - 1):+.1f}% (target <= 10%)")
+
+    test = data.records.get("val") or records
+    ms_edit, ms_restore = edit_latency(editor, (test * (1 + args.edits // len(test)))[: args.edits])
+    print(f"edit latency: {ms_edit:.2f} ms per edit (+ {ms_restore:.3f} ms restore), "
+          f"{args.edits} single edits")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,131 @@
+"""Capture of the rank-1 gradient factors ``(u, δ)`` of chosen layers with forward hooks."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from types import TracebackType
+from typing import Any
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+
+class FactorCapture:
+    """Record the input ``u`` and the output of each given layer during a forward pass.
+
+    Use as a context manager around one forward pass; the hooks are removed on exit, whatever
+    happens inside. Afterwards :meth:`factors` differentiates a loss with respect to the recorded
+    outputs (``δ = ∂L/∂y``; no weight gradient is formed) and returns the factors with batch and
+    sequence flattened into one token axis and padding rows dropped.
+
+    Args:
+        modules: Layer name → layer (``nn.Linear`` or ``Conv1D``), in the order wanted.
+    """
+
+    def __init__(self, modules: Mapping[str, nn.Module]) -> None:
+        self.modules = dict(modules)
+        self._inputs: dict[str, torch.Tensor] = {}
+        self._outputs: dict[str, torch.Tensor] = {}
+        self._handles: list[Any] = []
+
+    def _hook(self, name: str) -> Callable[[nn.Module, tuple[Any, ...], torch.Tensor], None]:
+        def hook(module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> None:
+            if name in self._outputs:
+                raise RuntimeError(f"layer {name!r} ran twice in one captured forward pass")
+            self._inputs[name] = args[0].detach()
+            self._outputs[name] = output
+
+        return hook
+
+    def __enter__(self) -> FactorCapture:
+        self._inputs.clear()
+        self._outputs.clear()
+        try:
+            for name, module in self.modules.items():
+                self._handles.append(module.register_forward_hook(self._hook(name)))
+        except BaseException:
+            self._remove()
+            raise
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._remove()
+
+    def _remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def factors(self, loss: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The factors of every layer for ``loss``, in the order of ``modules``.
+
+        Args:
+            loss: A scalar computed from the captured forward pass.
+
+        Returns:
+            ``(u [N, d_in], δ [N, d_out])`` per layer, rows where ``u`` or ``δ`` is all zero
+            (padding, positions after the last label) dropped. The sum ``Σ_t δ_t u_tᵀ`` is the
+            layer's true weight gradient.
+
+        Raises:
+            RuntimeError: if a layer did not run, or its output does not depend on trainable
+                tensors (nothing to differentiate).
+        """
+        missing = [n for n in self.modules if n not in self._outputs]
+        if missing:
+            raise RuntimeError(f"layers {missing} did not run in the captured forward pass")
+        names = list(self.modules)
+        outputs = [self._outputs[n] for n in names]
+        if not all(o.requires_grad for o in outputs):
+            raise RuntimeError("captured outputs do not require grad: run the forward with grad")
+        grads = torch.autograd.grad(loss, outputs, allow_unused=True)
+        result = []
+        for name, out, grad in zip(names, outputs, grads, strict=True):
+            u = self._inputs[name].reshape(-1, self._inputs[name].shape[-1])  # [B*L, d_in]
+            if grad is None:
+                grad = torch.zeros_like(out)
+            delta = grad.detach().reshape(-1, out.shape[-1])  # [B*L, d_out]
+            keep = (u != 0).any(-1) & (delta != 0).any(-1)  # [B*L]
+            result.append((u[keep], delta[keep]))
+        self._outputs.clear()
+        self._inputs.clear()
+        return result
+
+
+def capture_factors(
+    model: nn.Module,
+    names: Sequence[str],
+    modules: Sequence[nn.Module],
+    loss_fn: Callable[[torch.Tensor], torch.Tensor],
+    **inputs: torch.Tensor,
+) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
+    """Run ``model`` once with hooks on ``modules`` and return the factors of ``loss_fn``.
+
+    The model's own parameters are neither changed nor asked for gradients: the weights of
+    ``names`` are swapped (with :func:`torch.func.functional_call`) for detached copies that
+    require grad, so the layers' outputs enter the autograd graph.
+
+    Args:
+        model: A Hugging Face causal LM.
+        names: Weight names of the edited matrices (``<module>.weight``).
+        modules: The layers owning them, same order.
+        loss_fn: Maps the ``[B, L, V]`` logits to a scalar loss.
+        **inputs: Model inputs (``input_ids``, ``attention_mask``).
+
+    Returns:
+        ``(factors, loss)``: one ``(u, δ)`` pair per matrix (see :meth:`FactorCapture.factors`)
+        and the detached loss.
+    """
+    params = dict(model.named_parameters())
+    leaves = {n: params[n].detach().requires_grad_(True) for n in names}
+    with torch.enable_grad(), FactorCapture(dict(zip(names, modules, strict=True))) as capture:
+        logits = functional_call(model, leaves, args=(), kwargs=inputs).logits  # [B, L, V]
+        loss = loss_fn(logits)
+        factors = capture.factors(loss)
+    return factors, loss.detach()

@@ -1,0 +1,118 @@
+"""Losses and measures of MEND (and SERAC) training on prompt-masked, teacher-forced batches.
+
+All functions take ``labels`` laid out like ``input_ids`` (``-100`` on the prompt and on padding,
+see :class:`~lit_edit.data.collate.PairCollator`) and align ``logits[:, t]`` with
+``labels[:, t + 1]`` (METHODS.md §1.3 and pitfall P14).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from lit_edit.data.collate import IGNORE_INDEX
+
+
+def _shift(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits predicting each label and the labels: ``[B, L-1, V]`` and ``[B, L-1]``."""
+    return logits[:, :-1], labels[:, 1:]
+
+
+def masked_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean negative log-likelihood of the answer tokens (over all answer tokens of the batch).
+
+    Args:
+        logits: ``[B, L, V]``.
+        labels: ``[B, L]``.
+
+    Returns:
+        A scalar (0 when there is no answer token).
+    """
+    pred, target = _shift(logits, labels)
+    mask = target != IGNORE_INDEX  # [B, L-1]
+    logp = pred.float().log_softmax(-1)  # [B, L-1, V]
+    picked = logp.gather(-1, target.clamp(min=0)[..., None]).squeeze(-1)  # [B, L-1]
+    return -(picked * mask).sum() / mask.sum().clamp(min=1)
+
+
+def token_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-row fraction of answer tokens predicted by argmax (EasyEdit's teacher-forced acc).
+
+    Args:
+        logits: ``[B, L, V]``.
+        labels: ``[B, L]``.
+
+    Returns:
+        ``[B]`` accuracies (rows without answer tokens give 0).
+    """
+    pred, target = _shift(logits, labels)
+    mask = target != IGNORE_INDEX
+    hit = (pred.argmax(-1) == target) & mask
+    return hit.sum(-1).float() / mask.sum(-1).clamp(min=1).float()
+
+
+def locality_kl(
+    base_logits: torch.Tensor, edited_logits: torch.Tensor, labels: torch.Tensor
+) -> torch.Tensor:
+    """``KL(p_base ‖ p_edited)`` summed over the vocabulary, averaged over answer positions.
+
+    Args:
+        base_logits: ``[B, L, V]`` logits of the unedited model (treated as constants).
+        edited_logits: ``[B, L, V]`` logits of the edited model.
+        labels: ``[B, L]`` locality answer labels (only their positions are compared).
+
+    Returns:
+        A scalar (0 when there is no answer token).
+    """
+    base, target = _shift(base_logits.detach(), labels)
+    edited, _ = _shift(edited_logits, labels)
+    mask = (target != IGNORE_INDEX).float()  # [B, L-1]
+    logp = base.float().log_softmax(-1)  # [B, L-1, V]
+    logq = edited.float().log_softmax(-1)
+    kl = (logp.exp() * (logp - logq)).sum(-1)  # [B, L-1]
+    return (kl * mask).sum() / mask.sum().clamp(min=1)
+
+
+def agreement(
+    base_logits: torch.Tensor, edited_logits: torch.Tensor, labels: torch.Tensor
+) -> torch.Tensor:
+    """Per-row fraction of answer positions where the two argmax predictions agree (locality).
+
+    Args:
+        base_logits: ``[B, L, V]``.
+        edited_logits: ``[B, L, V]``.
+        labels: ``[B, L]``.
+
+    Returns:
+        ``[B]`` agreements.
+    """
+    base, target = _shift(base_logits, labels)
+    edited, _ = _shift(edited_logits, labels)
+    mask = target != IGNORE_INDEX
+    same = (base.argmax(-1) == edited.argmax(-1)) & mask
+    return same.sum(-1).float() / mask.sum(-1).clamp(min=1).float()
+
+
+def stack_right_padded(
+    batches: Sequence[dict[str, torch.Tensor]], pad_id: int
+) -> tuple[dict[str, torch.Tensor], list[int]]:
+    """Stack right-padded ``input_ids``/``attention_mask``/``labels`` batches into one.
+
+    Args:
+        batches: Batches from a right-padding :class:`~lit_edit.data.collate.PairCollator`.
+        pad_id: Token id written into new padding.
+
+    Returns:
+        The stacked batch (``[sum B_i, max L_i]``) and the row count of each input batch.
+    """
+    width = max(b["input_ids"].shape[1] for b in batches)
+    fill = {"input_ids": pad_id, "attention_mask": 0, "labels": IGNORE_INDEX}
+    out = {}
+    for key, value in fill.items():
+        parts = [
+            torch.nn.functional.pad(b[key], (0, width - b[key].shape[1]), value=value)
+            for b in batches
+        ]  # each [B_i, width]
+        out[key] = torch.cat(parts, dim=0)
+    return out, [b["input_ids"].shape[0] for b in batches]
