@@ -45,9 +45,17 @@ class LitEditCLI(LightningCLI):
     """
 
     def __init__(self, args: Sequence[str] | None = None, **kwargs: object) -> None:
-        # EditorModule and EditDataModule both move record batches safely; Lightning warns
-        # that it picks the DataModule's hook, which is the same function.
-        warnings.filterwarnings("ignore", message=".*overridden `transfer_batch_to_device`.*")
+        # Lightning warnings that are by design here, silenced so that real ones stand out:
+        # EditorModule and EditDataModule both move record batches safely (same function);
+        # editors tokenize in their own `on_before_batch_transfer`; frozen backbones stay in
+        # eval mode while the editor trains; train.py/evaluate.py pass sys.argv on as `args`.
+        for message in (
+            ".*overridden `transfer_batch_to_device`.*",
+            ".*overridden `on_before_batch_transfer`.*",
+            r".*module\(s\) in eval mode at the start of training.*",
+            ".*LightningCLI's args parameter is intended to run from within Python.*",
+        ):
+            warnings.filterwarnings("ignore", message=message)
         kwargs.setdefault("subclass_mode_model", True)
         kwargs.setdefault("subclass_mode_data", True)
         kwargs.setdefault("save_config_callback", LoggedConfigSaver)
