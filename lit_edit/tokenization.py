@@ -57,35 +57,78 @@ def encode_pair(tokenizer: PreTrainedTokenizerBase, prompt: str, answer: str) ->
     Raises:
         ValueError: if the answer produces no token or the split cannot be determined.
     """
-    text = join_pair(prompt, answer)
+    return encode_pairs(tokenizer, [(prompt, answer)])[0]
+
+
+def encode_pairs(
+    tokenizer: PreTrainedTokenizerBase, pairs: Sequence[tuple[str, str]]
+) -> list[EncodedPair]:
+    """:func:`encode_pair` for many ``(prompt, answer)`` pairs, with one tokenizer call.
+
+    Fast tokenizers encode the whole list at once (in Rust), about ten times faster than one
+    call per pair; the result is identical to :func:`encode_pair` on each pair.
+
+    Args:
+        tokenizer: A Hugging Face tokenizer (read only).
+        pairs: ``(prompt, answer)`` texts.
+
+    Returns:
+        One :class:`EncodedPair` per pair, in order.
+
+    Raises:
+        ValueError: if an answer produces no token or a split cannot be determined.
+    """
+    if not pairs:
+        return []
+    texts = [join_pair(prompt, answer) for prompt, answer in pairs]
+    if not tokenizer.is_fast:
+        return [_encode_slow(tokenizer, prompt, answer) for prompt, answer in pairs]
+    # the Rust tokenizer directly: the same ids and offsets as tokenizer(texts, ...) without
+    # building a Python BatchEncoding (which costs more than the tokenization itself)
+    encodings = tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=True)
+    special = set(tokenizer.all_special_ids)
+    return [
+        _split_at(prompt, answer, list(e.ids), list(e.offsets), special)
+        for (prompt, answer), e in zip(pairs, encodings, strict=True)
+    ]
+
+
+def _split_at(
+    prompt: str,
+    answer: str,
+    ids: list[int],
+    offsets: list[tuple[int, int]],
+    special: set[int],
+) -> EncodedPair:
+    """Split the tokens of a joined pair where the character spans pass the prompt's end."""
     cut = len(prompt)
-    if tokenizer.is_fast:
-        enc = tokenizer(text, add_special_tokens=True, return_offsets_mapping=True)
-        ids: list[int] = enc["input_ids"]
-        offsets: list[tuple[int, int]] = enc["offset_mapping"]
-        special = set(tokenizer.all_special_ids)
-        # drop trailing special tokens (e.g. an appended EOS)
-        while ids and ids[-1] in special and offsets[-1] == (0, 0):
-            ids, offsets = ids[:-1], offsets[:-1]
-        first_answer = len(ids)
-        for i, (start, end) in enumerate(offsets):
-            is_special = ids[i] in special and (start, end) == (0, 0)
-            if not is_special and end > cut:
-                first_answer = i
-                break
-        prompt_ids, answer_ids = ids[:first_answer], ids[first_answer:]
-    else:
-        full = tokenizer(text, add_special_tokens=True)["input_ids"]
-        head = tokenizer(prompt, add_special_tokens=True)["input_ids"]
-        if full[: len(head)] != head:
-            raise ValueError(
-                f"cannot split {text!r}: the prompt's tokens are not a prefix of the joined text's "
-                "tokens with this slow tokenizer; use a fast tokenizer"
-            )
-        prompt_ids, answer_ids = head, full[len(head) :]
-    if not answer_ids:
+    # drop trailing special tokens (e.g. an appended EOS)
+    while ids and ids[-1] in special and tuple(offsets[-1]) == (0, 0):
+        ids, offsets = ids[:-1], offsets[:-1]
+    first_answer = len(ids)
+    for i, (start, end) in enumerate(offsets):
+        is_special = ids[i] in special and (start, end) == (0, 0)
+        if not is_special and end > cut:
+            first_answer = i
+            break
+    if first_answer == len(ids):
         raise ValueError(f"answer {answer!r} of prompt {prompt!r} produced no tokens")
-    return EncodedPair(prompt_ids=list(prompt_ids), answer_ids=list(answer_ids))
+    return EncodedPair(prompt_ids=ids[:first_answer], answer_ids=ids[first_answer:])
+
+
+def _encode_slow(tokenizer: PreTrainedTokenizerBase, prompt: str, answer: str) -> EncodedPair:
+    """Split a pair with a slow tokenizer: the prompt's own tokens must prefix the joined text's."""
+    text = join_pair(prompt, answer)
+    full = tokenizer(text, add_special_tokens=True)["input_ids"]
+    head = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    if full[: len(head)] != head:
+        raise ValueError(
+            f"cannot split {text!r}: the prompt's tokens are not a prefix of the joined text's "
+            "tokens with this slow tokenizer; use a fast tokenizer"
+        )
+    if len(full) == len(head):
+        raise ValueError(f"answer {answer!r} of prompt {prompt!r} produced no tokens")
+    return EncodedPair(prompt_ids=list(head), answer_ids=list(full[len(head) :]))
 
 
 def pad_token_id(tokenizer: PreTrainedTokenizerBase) -> int:

@@ -318,6 +318,20 @@ def test_max_length_keeps_answer_and_bos(llama_tok):
         Scorer(max_length=t + 1).score(model, llama_tok, [pair])
 
 
+
+def test_exact_match_generation_truncates_like_scoring(llama_tok):
+    """With max_length, greedy answers continue the same left-truncated prompt (BOS kept)."""
+    model = _llama(len(llama_tok))
+    pair = PAIRS[4]
+    enc = encode_pair(llama_tok, pair.prompt, pair.answer)
+    t = len(enc.answer_ids)
+    [answer] = Scorer(max_length=t + 4).generate_answers(model, llama_tok, [pair])
+    kept = [enc.prompt_ids[0], *enc.prompt_ids[-3:]]
+    assert answer.new_ids.tolist() == _reference_greedy(model, kept, t)[: len(answer.new_ids)]
+    with pytest.raises(ValueError, match="does not fit"):
+        Scorer(max_length=t + 1).generate_answers(model, llama_tok, [pair])
+
+
 # ----------------------------------------------------------------------------------- generation
 
 
@@ -405,3 +419,22 @@ def test_top_k_sampling_stays_in_top_k():
     drawn = [t for g in gens for t in g.new_ids.tolist()]
     assert len(drawn) == 2 * 59 and set(drawn) == {5, 6, 7, 8, 9}
     assert sample_top_k(Ramp(), tok, ["the cat"], max_length=2)[0].new_ids.numel() == 0
+
+
+def test_logits_to_keep_is_used_only_where_the_model_takes_it(lm):
+    """HF models (and wrappers exposing them as ``base_model``) take it; plain modules don't."""
+    from lit_edit.scoring.utils import accepts_logits_to_keep
+
+    model, _ = lm
+
+    class Wrapper(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.base_model = inner
+
+        def forward(self, **kwargs):
+            return self.base_model(**kwargs)
+
+    assert accepts_logits_to_keep(model)
+    assert accepts_logits_to_keep(Wrapper(model))
+    assert not accepts_logits_to_keep(torch.nn.Linear(2, 2))

@@ -18,7 +18,13 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from lit_edit.records import QAPair
-from lit_edit.scoring.utils import evaluating, length_sorted_batches, model_device, output_logits
+from lit_edit.scoring.utils import (
+    evaluating,
+    length_sorted_batches,
+    model_device,
+    output_logits,
+    truncate_prompt,
+)
 from lit_edit.tokenization import encode_pair, pad_sequences, pad_token_id, position_ids_from_mask
 
 # picks the next token of each row: (logits [B, V] float32, prompt tokens of each row) -> [B] long
@@ -216,6 +222,7 @@ def generate_answers(
     tokenizer: PreTrainedTokenizerBase,
     pairs: Sequence[QAPair],
     batch_size: int = 64,
+    max_length: int | None = None,
 ) -> list[GeneratedAnswer]:
     """Greedy continuations of each pair's prompt for generation-based exact match.
 
@@ -229,6 +236,8 @@ def generate_answers(
         tokenizer: Its tokenizer (read only).
         pairs: Pairs whose prompts are continued.
         batch_size: Prompts per batch.
+        max_length: Most tokens of prompt plus generated answer: longer prompts keep their BOS
+            and their last tokens (``None``: no limit).
 
     Returns:
         One :class:`GeneratedAnswer` per pair, in input order.
@@ -237,9 +246,15 @@ def generate_answers(
     lengths: list[list[int]] = []
     for pair in pairs:
         enc = encode_pair(tokenizer, pair.prompt, pair.answer)
-        prompt_ids.append(enc.prompt_ids)
         aliases = [encode_pair(tokenizer, pair.prompt, a).answer_ids for a in pair.aliases]
         lengths.append([len(enc.answer_ids), *map(len, aliases)])
+        ids = enc.prompt_ids
+        if max_length is not None:
+            ids = truncate_prompt(
+                ids, max_length - max(lengths[-1]), tokenizer.bos_token_id,
+                f"the answers of prompt {pair.prompt!r}",
+            )
+        prompt_ids.append(ids)
     new = _generate_ids(
         model, tokenizer, prompt_ids, [max(n) for n in lengths], _greedy, True, batch_size
     )

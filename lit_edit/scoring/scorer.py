@@ -34,9 +34,17 @@ from lit_edit.scoring.generation import (
     greedy_generate,
     sample_top_k,
 )
-from lit_edit.scoring.utils import evaluating, length_sorted_batches, model_device, output_logits
+from lit_edit.scoring.utils import (
+    accepts_logits_to_keep,
+    evaluating,
+    length_sorted_batches,
+    model_device,
+    output_logits,
+    truncate_prompt,
+)
 from lit_edit.tokenization import (
-    encode_pair,
+    EncodedPair,
+    encode_pairs,
     pad_sequences,
     pad_token_id,
     position_ids_from_mask,
@@ -155,20 +163,17 @@ class Scorer:
             f"padding_side={self.padding_side!r}, max_length={self.max_length})"
         )
 
-    def _encode(self, tokenizer: PreTrainedTokenizerBase, prompt: str, answer: str) -> _Encoded:
-        enc = encode_pair(tokenizer, prompt, answer)
+    def _encode(
+        self, tokenizer: PreTrainedTokenizerBase, prompt: str, answer: str, enc: EncodedPair
+    ) -> _Encoded:
         prompt_ids, answer_ids = enc.prompt_ids, enc.answer_ids
-        limit = self.max_length
-        if limit is not None and len(prompt_ids) + len(answer_ids) > limit:
-            bos = tokenizer.bos_token_id
-            head = prompt_ids[:1] if bos is not None and prompt_ids[:1] == [bos] else []
-            room = limit - len(answer_ids) - len(head)
-            if room < 1:
-                raise ValueError(
-                    f"answer {answer!r} ({len(answer_ids)} tokens) of prompt {prompt!r} does not "
-                    f"fit in max_length={limit} with a prompt token"
-                )
-            prompt_ids = head + prompt_ids[-room:]
+        if self.max_length is not None:
+            prompt_ids = truncate_prompt(
+                prompt_ids,
+                self.max_length - len(answer_ids),
+                tokenizer.bos_token_id,
+                f"answer {answer!r} ({len(answer_ids)} tokens) of prompt {prompt!r}",
+            )
         return _Encoded(prompt_ids + answer_ids, len(answer_ids))
 
     def score(
@@ -190,7 +195,12 @@ class Scorer:
         unique: dict[tuple[str, str], int] = {}
         for key in keys:
             unique.setdefault(key, len(unique))
-        encoded = [self._encode(tokenizer, prompt, answer) for prompt, answer in unique]
+        encoded = [
+            self._encode(tokenizer, prompt, answer, enc)
+            for (prompt, answer), enc in zip(
+                unique, encode_pairs(tokenizer, list(unique)), strict=True
+            )
+        ]
         results: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None] = [None] * len(
             encoded
         )
@@ -218,14 +228,21 @@ class Scorer:
         input_ids, mask = pad_sequences([e.input_ids for e in batch], pad_id, self.padding_side)
         width = input_ids.shape[1]
         positions = position_ids_from_mask(mask)
+        kwargs = {}
+        if self.padding_side == "left" and accepts_logits_to_keep(model):
+            # left padding puts every answer in the last columns: project only those onto the
+            # vocabulary (the LM head is a third of a tiny model's forward)
+            kwargs["logits_to_keep"] = max(enc.n_answer for enc in batch) + 1
         logits = output_logits(
             model(
                 input_ids=input_ids.to(device),
                 attention_mask=mask.to(device),
                 position_ids=positions.to(device),
                 use_cache=False,
+                **kwargs,
             )
-        )  # [B, L, V]
+        )  # [B, K, V]: the last K <= L columns
+        offset = width - logits.shape[1]  # column c of the sequence is column c - offset here
         rows: list[int] = []
         cols: list[int] = []  # positions of the answer tokens (labels)
         for row, enc in enumerate(batch):
@@ -236,7 +253,7 @@ class Scorer:
         row_t = torch.tensor(rows, device=logits.device)
         col_t = torch.tensor(cols, device=logits.device)
         labels = input_ids.to(logits.device)[row_t, col_t]  # [N]
-        picked = logits[row_t, col_t - 1].float().log_softmax(-1)  # [N, V]
+        picked = logits[row_t, col_t - 1 - offset].float().log_softmax(-1)  # [N, V]
         preds = picked.argmax(-1)  # [N]
         logprobs = picked.gather(-1, labels[:, None]).squeeze(-1)  # [N]
         sizes = [enc.n_answer for enc in batch]
@@ -270,8 +287,13 @@ class Scorer:
     def generate_answers(
         self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, pairs: Sequence[QAPair]
     ) -> list[GeneratedAnswer]:
-        """Greedy answers for exact match in batches; see :func:`generate_answers`."""
-        return generate_answers(model, tokenizer, pairs, batch_size=self.batch_size)
+        """Greedy answers for exact match in batches; see :func:`generate_answers`.
+
+        With ``max_length`` set, prompts are truncated from the left as in :meth:`score`.
+        """
+        return generate_answers(
+            model, tokenizer, pairs, batch_size=self.batch_size, max_length=self.max_length
+        )
 
     def sample(
         self,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -35,6 +36,20 @@ def evaluating(model: nn.Module) -> Iterator[None]:
             module.training = training
 
 
+def accepts_logits_to_keep(model: nn.Module) -> bool:
+    """Whether ``model.forward`` takes Hugging Face's ``logits_to_keep`` (last K positions only).
+
+    Wrappers exposing the wrapped model as ``base_model`` are looked through.
+    """
+    while True:
+        if "logits_to_keep" in inspect.signature(model.forward).parameters:
+            return True
+        inner = getattr(model, "base_model", None)
+        if not isinstance(inner, nn.Module) or inner is model:
+            return False
+        model = inner
+
+
 def output_logits(output: object) -> torch.Tensor:
     """Logits of a model output: a tensor, an object with ``.logits``, or a tuple (first item)."""
     if isinstance(output, torch.Tensor):
@@ -61,3 +76,30 @@ def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def truncate_prompt(
+    prompt_ids: list[int], room: int, bos_id: int | None, what: str = "the prompt"
+) -> list[int]:
+    """Keep the last ``room`` tokens of a prompt, and its leading BOS if it has one.
+
+    Args:
+        prompt_ids: Token ids of the prompt.
+        room: Most tokens the prompt may keep (its BOS included).
+        bos_id: The tokenizer's BOS id (``None``: no BOS).
+        what: Description of the sequence, for the error message.
+
+    Returns:
+        ``prompt_ids`` itself when it fits, else its BOS (if any) and its last tokens.
+
+    Raises:
+        ValueError: when not even one prompt token besides the BOS fits.
+    """
+    if len(prompt_ids) <= room:
+        return prompt_ids
+    head = prompt_ids[:1] if bos_id is not None and prompt_ids[:1] == [bos_id] else []
+    keep = room - len(head)
+    if keep < 1:
+        raise ValueError(f"{what} does not fit in max_length with a prompt token")
+    return head + prompt_ids[-keep:]
+
