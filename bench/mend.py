@@ -85,14 +85,20 @@ def bare_run(editor: MENDEditor, records: list, steps: int, warmup: int, accumul
              clip: float | None) -> float:
     """The same optimisation in a plain loop (what ``fit`` does, minus Lightning)."""
     editor.train()
-    optimizer = editor.configure_optimizers()
+    configured = editor.configure_optimizers()  # runs after a Lightning run: max_steps is set
+    scheduler = None
+    if isinstance(configured, dict):  # {"optimizer": ..., "lr_scheduler": {"scheduler": ...}}
+        optimizer = configured["optimizer"]
+        scheduler = configured["lr_scheduler"]["scheduler"]
+    else:
+        optimizer = configured
     params = [p for g in optimizer.param_groups for p in g["params"]]
     done, micro, start = 0, 0, None
     while done < warmup + steps:
         for records_batch in loader(records, 0):
             if done == warmup and start is None:
                 start = time.perf_counter()
-            batch = editor.collator(records_batch)
+            batch = editor.collate(records_batch)  # as on_before_batch_transfer in fit
             loss = editor.meta_step(batch)["loss"] / accumulate
             loss.backward()
             micro += 1
@@ -106,6 +112,8 @@ def bare_run(editor: MENDEditor, records: list, steps: int, warmup: int, accumul
                 torch.nn.utils.clip_grad_norm_(params, clip)
             optimizer.step()
             optimizer.zero_grad()
+            if scheduler is not None:
+                scheduler.step()
             done += 1
             if done >= warmup + steps:
                 break
