@@ -15,6 +15,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 from lit_edit.records import EditRecord  # noqa: E402
+from lit_edit.sampling import LengthBucketSampler  # noqa: E402
 from lit_edit.tokenization import encode_pair  # noqa: E402
 from lit_edit.world import (  # noqa: E402
     TinyLMConfig,
@@ -366,7 +367,7 @@ def test_pretraining_sequences(world: World) -> None:
     batch = pretrain._collate(rows[:4], tok.pad_token_id)
     assert torch.equal(batch["targets"][:, :-1], batch["input_ids"][:, 1:])
     assert (batch["weights"][batch["attention_mask"] == 0] == 0).all()
-    sampler = pretrain.LengthBucketSampler([len(r[0]) for r in rows], 8, seed=0)
+    sampler = LengthBucketSampler([len(r[0]) for r in rows], 8, seed=0)
     batches = list(iter(sampler))
     assert len(batches) == len(sampler)
     assert sorted(i for b in batches for i in b) == list(range(len(rows)))

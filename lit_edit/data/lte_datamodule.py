@@ -3,59 +3,20 @@
 from __future__ import annotations
 
 import logging
-import math
 import random
-from collections.abc import Iterator, Sequence
 from typing import Any, Literal
 
 from lightning.pytorch import LightningDataModule
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader
 
 from lit_edit.data.datamodule import EditDataModule
 from lit_edit.data.lte_parallel import ParallelDataBuilder, sample_stats
 from lit_edit.data.reading import read_conversations
 from lit_edit.nn.retrieval import DEFAULT_ENCODER, Encoder, load_encoder
 from lit_edit.records import QAPair
+from lit_edit.sampling import LengthBucketSampler
 
 log = logging.getLogger(__name__)
-
-
-class LengthBuckets(Sampler[list[int]]):
-    """Seeded batches of samples of similar length (less padding), in a random order.
-
-    Samples are shuffled, cut into chunks of 32 batches, sorted by length inside a chunk, batched,
-    and the batches shuffled. Epoch ``e`` uses seed ``seed + e``.
-
-    Args:
-        lengths: A length (any unit) per sample.
-        batch_size: Samples per batch.
-        seed: Seed of the order.
-    """
-
-    def __init__(self, lengths: Sequence[int], batch_size: int, seed: int) -> None:
-        self.lengths = list(lengths)
-        self.batch_size = batch_size
-        self.seed = seed
-        self.epoch = 0
-
-    def __iter__(self) -> Iterator[list[int]]:
-        rng = random.Random(self.seed + self.epoch)
-        self.epoch += 1
-        order = list(range(len(self.lengths)))
-        rng.shuffle(order)
-        chunk = self.batch_size * 32
-        batches: list[list[int]] = []
-        for start in range(0, len(order), chunk):
-            group = sorted(order[start : start + chunk], key=self.lengths.__getitem__)
-            size = self.batch_size
-            batches += [group[i : i + size] for i in range(0, len(group), size)]
-        rng.shuffle(batches)
-        return iter(batches)
-
-    def __len__(self) -> int:
-        chunk = self.batch_size * 32
-        n = len(self.lengths)
-        return sum(math.ceil(min(chunk, n - s) / self.batch_size) for s in range(0, n, chunk))
 
 
 def _collate_pairs(batch: list[QAPair]) -> list[QAPair]:
@@ -220,7 +181,7 @@ class LTEDataModule(LightningDataModule):
         lengths = [len(s.prompt) + len(s.answer) for s in samples]
         return DataLoader(
             samples,  # type: ignore[arg-type]
-            batch_sampler=LengthBuckets(lengths, self.batch_size, self.shuffle_seed),
+            batch_sampler=LengthBucketSampler(lengths, self.batch_size, self.shuffle_seed),
             collate_fn=_collate_pairs,
             num_workers=self.num_workers,
         )

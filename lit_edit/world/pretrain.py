@@ -6,7 +6,6 @@ import functools
 import logging
 import math
 import os
-import random
 import time
 import warnings
 from collections.abc import Iterator, Sequence
@@ -15,7 +14,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader
 from transformers import (
     GPT2Config,
     GPT2LMHeadModel,
@@ -26,6 +25,7 @@ from transformers import (
 )
 
 from lit_edit.records import QAPair
+from lit_edit.sampling import LengthBucketSampler
 from lit_edit.tokenization import encode_pair, pad_sequences
 from lit_edit.world.config import TinyLMConfig
 
@@ -69,42 +69,6 @@ def build_model(config: TinyLMConfig, tokenizer: PreTrainedTokenizerBase) -> Pre
             model = LlamaForCausalLM(hf_config)
     model.loss_type = "ForCausalLM"  # the default; named so transformers does not warn
     return model
-
-
-class LengthBucketSampler(Sampler[list[int]]):
-    """Batches of sequences of similar length, in a seeded random order (less padding).
-
-    Args:
-        lengths: Length of each sequence.
-        batch_size: Sequences per batch.
-        seed: Seed of the order; epoch ``e`` uses ``seed + e``.
-    """
-
-    def __init__(self, lengths: Sequence[int], batch_size: int, seed: int) -> None:
-        self.lengths = list(lengths)
-        self.batch_size = batch_size
-        self.seed = seed
-        self.epoch = 0
-
-    def __iter__(self) -> Iterator[list[int]]:
-        rng = random.Random(self.seed + self.epoch)
-        self.epoch += 1
-        order = list(range(len(self.lengths)))
-        rng.shuffle(order)
-        chunk = self.batch_size * 32
-        batches = []
-        for start in range(0, len(order), chunk):
-            group = sorted(order[start:start + chunk], key=self.lengths.__getitem__)
-            batches += [group[i:i + self.batch_size] for i in range(0, len(group),
-                                                                      self.batch_size)]
-        rng.shuffle(batches)
-        return iter(batches)
-
-    def __len__(self) -> int:
-        return sum(
-            math.ceil(min(self.batch_size * 32, len(self.lengths) - s) / self.batch_size)
-            for s in range(0, len(self.lengths), self.batch_size * 32)
-        )
 
 
 class TinyLMModule(L.LightningModule):
