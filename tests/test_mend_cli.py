@@ -181,3 +181,36 @@ def test_shipped_configs_parse(path: Path, capsys: pytest.CaptureFixture[str]) -
     assert printed["model"]["class_path"].endswith("MENDEditor")
     header = path.read_text().splitlines()[0]
     assert header.startswith("# python "), f"{path.name}: the first line must be its command"
+
+
+SHARED = REPO.parent / "shared" / "data"
+
+
+@pytest.mark.skipif(not SHARED.is_dir(), reason=f"shared reference data not found at {SHARED}")
+@pytest.mark.parametrize("name", ["zsre", "counterfact"])
+def test_shipped_real_data_configs_train(
+    name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two optimizer steps and one validation batch of the shipped real-data configs, as is."""
+    monkeypatch.chdir(REPO)  # their data paths are relative to the repository root
+    cli = train_main(
+        [
+            "fit",
+            "--config",
+            f"configs/mend/{name}.yaml",
+            "--trainer.max_steps",
+            "2",
+            "--trainer.val_check_interval",
+            "2",
+            "--trainer.limit_val_batches",
+            "1",
+            "--trainer.logger",
+            "false",
+            "--trainer.enable_checkpointing",
+            "false",
+            "--trainer.callbacks",
+            "[]",
+        ]
+    )
+    assert cli.trainer.global_step == 2
+    assert "val/edit_success" in cli.trainer.callback_metrics
