@@ -7,6 +7,7 @@ configs (``configs/<method>/<dataset>.yaml``).
 
 from __future__ import annotations
 
+import logging
 import sys
 import warnings
 from collections.abc import Sequence
@@ -33,6 +34,21 @@ class LoggedConfigSaver(SaveConfigCallback):
             super().setup(trainer, pl_module, stage)
 
 
+def _show_progress_logs() -> None:
+    """Print lit_edit's INFO logs (e.g. the one-time TinyFacts build, skipped records) to stderr.
+
+    Only when the ``lit_edit`` logger has no handler yet, so an application's own logging setup
+    is left alone.
+    """
+    logger = logging.getLogger("lit_edit")
+    if logger.handlers:
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s", "%H:%M:%S"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+
+
 class LitEditCLI(LightningCLI):
     """LightningCLI for editors: any :class:`EditorModule` subclass and any DataModule.
 
@@ -45,6 +61,7 @@ class LitEditCLI(LightningCLI):
     """
 
     def __init__(self, args: Sequence[str] | None = None, **kwargs: object) -> None:
+        _show_progress_logs()
         # Lightning warnings that are by design here, silenced so that real ones stand out:
         # EditorModule and EditDataModule both move record batches safely (same function);
         # editors tokenize in their own `on_before_batch_transfer`; frozen backbones stay in

@@ -233,3 +233,22 @@ def test_retrieval_with_the_offline_sentence_encoder():
         "The capital of France is Lyon",
         "Hamlet was written by Marlowe",
     ]
+
+
+def test_set_dropout_changes_every_dropout_and_the_config():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from lit_edit.nn.lte_positions import set_dropout
+
+    config = GPT2Config(vocab_size=50, n_positions=16, n_embd=8, n_layer=2, n_head=2,
+                        bos_token_id=0, eos_token_id=1, pad_token_id=1,
+                        attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0)
+    model = GPT2LMHeadModel(config)
+    n = set_dropout(model, 0.25)
+    probs = [m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)]
+    assert n == len(probs) > 0 and set(probs) == {0.25}
+    assert (config.attn_pdrop, config.resid_pdrop, config.embd_pdrop) == (0.25, 0.25, 0.25)
+    with pytest.raises(ValueError, match="dropout must be in"):
+        set_dropout(model, 1.0)
+    with pytest.raises(ValueError, match="no dropout modules"):
+        set_dropout(torch.nn.Linear(2, 2), 0.1)

@@ -12,7 +12,7 @@ from torch import nn
 from lit_edit.data.collate import IGNORE_INDEX, PairCollator
 from lit_edit.editing import CallbackHandle, EditHandle
 from lit_edit.methods.base import EditorModule
-from lit_edit.nn.lte_positions import extend_context
+from lit_edit.nn.lte_positions import extend_context, set_dropout
 from lit_edit.nn.lte_templates import ChatWrapper, TemplateName, edit_prompt, template_text
 from lit_edit.nn.retrieval import DEFAULT_ENCODER, EditMemory, Retriever, load_encoder
 from lit_edit.records import EditRecord, QAPair
@@ -81,6 +81,8 @@ class LTEEditor(EditorModule):
             learned position rows, see :func:`~lit_edit.nn.lte_positions.extend_context`); for
             models pretrained on contexts shorter than LTE's prompts, like TinyFacts' 128
             positions (``None``: keep the model as it is).
+        dropout: Set every dropout probability of the backbone to this value for alignment
+            (``None``: keep the model's own; the TinyFacts models are pretrained without dropout).
         retriever: Sentence encoder of the edit memory: ``"all-MiniLM-L6-v2"`` (offline
             default), the paper's ``"sentence-transformers/multi-qa-mpnet-base-dot-v1"``, a local
             path, or ``"hashing"`` (lexical, model-free).
@@ -110,6 +112,7 @@ class LTEEditor(EditorModule):
         warmup_ratio: float = 0.03,
         max_length: int | None = None,
         context_length: int | None = None,
+        dropout: float | None = None,
         retriever: str = DEFAULT_ENCODER,
         top_k: int = 1,
         threshold: float | None = None,
@@ -137,6 +140,8 @@ class LTEEditor(EditorModule):
         )
         if context_length is not None:
             extend_context(self.model, context_length)
+        if dropout is not None:
+            set_dropout(self.model, dropout)
         if finetune == "full":
             self.model.requires_grad_(True)
         else:

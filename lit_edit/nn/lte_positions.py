@@ -1,4 +1,4 @@
-"""Longer contexts for models pretrained on short ones (LTE prompts on the TinyFacts model)."""
+"""Backbone adjustments before LTE alignment: a longer context, dropout."""
 
 from __future__ import annotations
 
@@ -51,3 +51,31 @@ def extend_context(model: nn.Module, length: int, seed: int = 0) -> bool:
         f"cannot extend the context of {type(model).__name__}: no learned position table "
         "(transformer.wpe) and no rotary configuration"
     )
+
+
+def set_dropout(model: nn.Module, p: float) -> int:
+    """Set the probability of every ``nn.Dropout`` of ``model`` (and its config's ``*pdrop``).
+
+    Args:
+        model: A Hugging Face model.
+        p: Dropout probability in ``[0, 1)``.
+
+    Returns:
+        The number of dropout modules changed.
+
+    Raises:
+        ValueError: for ``p`` outside ``[0, 1)`` or a model without dropout modules.
+    """
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {p}")
+    modules = [m for m in model.modules() if isinstance(m, nn.Dropout)]
+    if not modules:
+        raise ValueError(f"{type(model).__name__} has no dropout modules to set")
+    for module in modules:
+        module.p = p
+    config = getattr(model, "config", None)
+    for name in ("attn_pdrop", "resid_pdrop", "embd_pdrop", "attention_dropout"):
+        if config is not None and hasattr(config, name):
+            setattr(config, name, p)
+    return len(modules)
+
