@@ -73,7 +73,7 @@ def bench_insertion_and_retrieval() -> None:
 
 
 def bench_alignment(backbone: str, steps: int, batch_size: int) -> None:
-    from lit_edit.data.lte_datamodule import LengthBuckets
+    from lit_edit.sampling import LengthBucketSampler
     from lit_edit.data.lte_parallel import ParallelDataBuilder
     from lit_edit.methods.lte import LTEEditor
     from lit_edit.nn.retrieval import HashingEncoder
@@ -86,7 +86,7 @@ def bench_alignment(backbone: str, steps: int, batch_size: int) -> None:
     pairs = [QAPair(s.human, s.answer) for s in samples]
     optimizer = torch.optim.AdamW([p for p in editor.parameters() if p.requires_grad], lr=1e-4)
     editor.train()
-    sampler = LengthBuckets([len(p.prompt) + len(p.answer) for p in pairs], batch_size, 0)
+    sampler = LengthBucketSampler([len(p.prompt) + len(p.answer) for p in pairs], batch_size, 0)
     batches = [editor.encode_samples([pairs[i] for i in b]) for b in list(sampler)[: steps + 2]]
     tokens, elapsed = 0, 0.0
     for i, batch in enumerate(batches):
