@@ -73,11 +73,11 @@ def bench_insertion_and_retrieval() -> None:
 
 
 def bench_alignment(backbone: str, steps: int, batch_size: int) -> None:
-    from lit_edit.sampling import LengthBucketSampler
     from lit_edit.data.lte_parallel import ParallelDataBuilder
     from lit_edit.methods.lte import LTEEditor
     from lit_edit.nn.retrieval import HashingEncoder
     from lit_edit.records import QAPair
+    from lit_edit.sampling import LengthBucketSampler
     from lit_edit.world import load_world, resolve_tinyfacts
 
     editor = LTEEditor(backbone=backbone, lr=1e-3, retriever="hashing", context_length=256)
