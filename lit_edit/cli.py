@@ -71,6 +71,7 @@ class LitEditCLI(LightningCLI):
             ".*overridden `on_before_batch_transfer`.*",
             r".*module\(s\) in eval mode at the start of training.*",
             ".*LightningCLI's args parameter is intended to run from within Python.*",
+            r".*isinstance\(treespec, LeafSpec\)` is deprecated.*",  # inside Lightning itself
         ):
             warnings.filterwarnings("ignore", message=message)
         kwargs.setdefault("subclass_mode_model", True)

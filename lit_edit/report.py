@@ -12,7 +12,8 @@ def _cell(value: Any, scale: float = 100.0) -> str:
     """Format a metric value scaled (x100 by default), or a dash when absent."""
     if value is None or (isinstance(value, float) and value != value):
         return "–"
-    return f"{float(value) * scale:.2f}"
+    text = f"{float(value) * scale:.2f}"
+    return "0.00" if text == "-0.00" else text  # a tiny negative magnitude rounds to zero
 
 
 def markdown_table(summary: Mapping[str, Any], method: str) -> str:
