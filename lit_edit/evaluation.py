@@ -141,6 +141,7 @@ class RecordEvaluator:
         pairs: list[QAPair] = []
 
         def add(pair: QAPair) -> int:
+            """Queue a pair for scoring; return its index among the queued pairs."""
             pairs.append(pair)
             return len(pairs) - 1
 

@@ -78,6 +78,7 @@ class EvaluationRun:
         for prefix, use_pre in (("", False), ("pre_", True)):
 
             def pick(pre, post, use_pre=use_pre):  # noqa: ANN001, ANN202
+                """The pre-edit value for the ``pre_`` metrics, the post-edit one otherwise."""
                 return pre if use_pre else post
 
             entries[prefix + "reliability"] = (
@@ -93,6 +94,7 @@ class EvaluationRun:
                 lambda a, b, m, p=pick: m.update([x.portability for x in p(a, b)]),
             )
             if self.settings.exact_match:
+                """The pre-edit value for the ``pre_`` metrics, the post-edit one otherwise."""
                 for kind in ("reliability", "generalization", "portability"):
                     entries[f"{prefix}{kind}_em"] = (
                         ExactMatch(agg),

@@ -179,6 +179,7 @@ class EditRecord:
         """Build a record from the output of :meth:`to_dict`."""
 
         def groups(raw: Mapping[str, Sequence[Mapping[str, Any]]]) -> dict[str, tuple[QAPair, ...]]:
+            """Named lists of pairs from their dict form."""
             return {k: tuple(QAPair.from_dict(p) for p in v) for k, v in raw.items()}
 
         return cls(
@@ -215,6 +216,7 @@ def normalise_answers(value: Any, field_name: str) -> tuple[str, ...]:
     flat: list[str] = []
 
     def add(item: Any, depth: int) -> None:
+        """Collect non-empty strings of ``item``, flattening up to two list levels."""
         if isinstance(item, str):
             if item.strip() and item not in flat:
                 flat.append(item)

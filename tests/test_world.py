@@ -371,3 +371,14 @@ def test_pretraining_sequences(world: World) -> None:
     batches = list(iter(sampler))
     assert len(batches) == len(sampler)
     assert sorted(i for b in batches for i in b) == list(range(len(rows)))
+
+
+def test_warmup_cosine_factor_by_hand():
+    from lit_edit.schedules import warmup_cosine_factor
+
+    assert warmup_cosine_factor(0, warmup=4, total=12) == 0.25
+    assert warmup_cosine_factor(3, warmup=4, total=12) == 1.0
+    assert warmup_cosine_factor(4, warmup=4, total=12) == 1.0  # decay starts at 1
+    assert warmup_cosine_factor(8, warmup=4, total=12, floor=0.1) == pytest.approx(0.55)
+    assert warmup_cosine_factor(12, warmup=4, total=12, floor=0.1) == pytest.approx(0.1)
+    assert warmup_cosine_factor(0, warmup=0, total=10) == 1.0  # no warm-up

@@ -61,6 +61,7 @@ class IKEEditor(EditorModule):
         self.memory.extend(r.fact for r in records)
 
         def undo() -> None:
+            """Drop the facts this edit appended to the memory."""
             del self.memory[size:]
 
         return CallbackHandle(undo)

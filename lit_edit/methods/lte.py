@@ -16,6 +16,7 @@ from lit_edit.nn.lte_positions import extend_context, set_dropout
 from lit_edit.nn.lte_templates import ChatWrapper, TemplateName, edit_prompt, template_text
 from lit_edit.nn.retrieval import DEFAULT_ENCODER, EditMemory, Retriever, load_encoder
 from lit_edit.records import EditRecord, QAPair
+from lit_edit.schedules import warmup_cosine
 from lit_edit.scoring import GeneratedAnswer, PairScore
 from lit_edit.tokenization import pad_sequences, pad_token_id
 
@@ -256,15 +257,7 @@ class LTEEditor(EditorModule):
         optimizer = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
         total = max(1, int(self.trainer.estimated_stepping_batches))
         warmup = math.ceil(self.warmup_ratio * total)
-
-        def factor(step: int) -> float:
-            if step < warmup:
-                return (step + 1) / warmup
-            progress = min(1.0, (step - warmup) / max(1, total - warmup))
-            return 0.5 * (1.0 + math.cos(math.pi * progress))
-
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-        schedule = {"scheduler": scheduler, "interval": "step"}
+        schedule = {"scheduler": warmup_cosine(optimizer, warmup, total), "interval": "step"}
         return {"optimizer": optimizer, "lr_scheduler": schedule}
 
     def unedited_answers(self, questions: list[str], max_new_tokens: int = 16) -> list[str]:

@@ -74,6 +74,7 @@ def answer_matches(answer: GeneratedAnswer, ignore_case: bool = False) -> bool:
     """
 
     def norm(text: str) -> str:
+        """Strip, and casefold when case is ignored."""
         text = text.strip()
         return text.casefold() if ignore_case else text
 

@@ -31,6 +31,7 @@ class FactorCapture:
 
     def _hook(self, name: str) -> Callable[[nn.Module, tuple[Any, ...], torch.Tensor], None]:
         def hook(module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> None:
+            """Keep the layer's input and output of this forward pass."""
             if name in self._outputs:
                 raise RuntimeError(f"layer {name!r} ran twice in one captured forward pass")
             self._inputs[name] = args[0].detach()

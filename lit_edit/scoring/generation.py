@@ -314,6 +314,7 @@ def sample_top_k(
     generators: dict[tuple[int, ...], torch.Generator] = {}
 
     def pick(logits: torch.Tensor, rows: Sequence[tuple[int, ...]]) -> torch.Tensor:
+        """Sample each row's next token among its ``top_k`` most likely ones."""
         probs = logits.softmax(-1)  # [B, V]
         top_p, top_i = probs.topk(min(top_k, probs.shape[-1]), dim=-1)  # [B, k]
         top_p = (top_p / top_p.sum(-1, keepdim=True)).cpu()

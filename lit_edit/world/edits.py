@@ -20,6 +20,7 @@ def _new_object(world: World, fact: Fact, rng: random.Random) -> int:
     seconds = [c.second for c in world.compositions.values() if c.first == fact.relation]
     if seconds:
         def hop(obj: int) -> tuple[int, ...]:
+            """The second-hop objects reached from ``obj``."""
             return tuple(world.fact(s, obj).object_id for s in seconds)
 
         changing = [c for c in candidates if all(

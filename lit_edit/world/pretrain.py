@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import math
 import os
 import time
 import warnings
@@ -26,6 +25,7 @@ from transformers import (
 
 from lit_edit.records import QAPair
 from lit_edit.sampling import LengthBucketSampler
+from lit_edit.schedules import warmup_cosine
 from lit_edit.tokenization import encode_pair, pad_sequences
 from lit_edit.world.config import TinyLMConfig
 
@@ -131,15 +131,7 @@ class TinyLMModule(L.LightningModule):
         )
         total = max(1, int(self.trainer.estimated_stepping_batches))
         warmup = max(1, int(self.warmup_ratio * total))
-        floor = self.min_lr_ratio
-
-        def factor(step: int) -> float:
-            if step < warmup:
-                return (step + 1) / warmup
-            progress = min(1.0, (step - warmup) / max(1, total - warmup))
-            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        scheduler = warmup_cosine(optimizer, warmup, total, floor=self.min_lr_ratio)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler,
                                                          "interval": "step"}}
 
