@@ -11,7 +11,10 @@ import logging
 import sys
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
+import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.core import LightningDataModule
@@ -20,6 +23,8 @@ import lit_edit.data.datamodule  # noqa: F401  (registers the DataModules for sh
 import lit_edit.data.tinyfacts  # noqa: F401
 from lit_edit.evaluation import Evaluation
 from lit_edit.methods import EditorModule
+
+log = logging.getLogger(__name__)
 
 
 class LoggedConfigSaver(SaveConfigCallback):
@@ -80,6 +85,44 @@ class LitEditCLI(LightningCLI):
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         super().__init__(EditorModule, LightningDataModule, args=args, **kwargs)
 
+    def _parse_ckpt_path(self) -> None:
+        """With ``--ckpt_path``, keep the config's settings; warn where the checkpoint differs.
+
+        Lightning's default replaces the editor's init arguments by the hyperparameters saved in
+        the checkpoint, which silently drops settings given in the config or on the command line
+        (e.g. LTE's ``threshold`` or ``top_k`` at evaluation). Here the config wins: each init
+        argument whose value differs from the checkpoint's is logged as a warning (a changed
+        architecture then fails loudly when the weights load).
+
+        Raises:
+            ValueError: if the checkpoint holds another editor class than the config.
+        """
+        if not self.config.get("subcommand"):
+            return
+        config = self.config[self.config.subcommand]
+        ckpt_path = config.get("ckpt_path")
+        if not ckpt_path or not Path(ckpt_path).is_file():
+            return
+        saved = dict(
+            torch.load(ckpt_path, weights_only=True, map_location="cpu").get("hyper_parameters")
+            or {}
+        )
+        saved.pop("_instantiator", None)
+        saved_class = saved.pop("_class_path", None)
+        model = _plain(config.get("model")) or {}
+        if saved_class and model.get("class_path") and saved_class != model["class_path"]:
+            raise ValueError(
+                f"{ckpt_path} holds a {saved_class} but the config's model is "
+                f"{model['class_path']}: evaluate it with that editor's config"
+            )
+        init_args = model.get("init_args") or {}
+        for key in sorted(saved):
+            if key in init_args and _plain(init_args[key]) != saved[key]:
+                log.warning(
+                    "%s was trained with %s=%r; this run uses %s=%r (from the config)",
+                    ckpt_path, key, saved[key], key, _plain(init_args[key]),
+                )
+
     def add_arguments_to_parser(self, parser) -> None:  # noqa: ANN001 (jsonargparse parser)
         """Add the top-level ``evaluation`` group (see :class:`~lit_edit.evaluation.Evaluation`)."""
         parser.add_class_arguments(Evaluation, "evaluation")
@@ -88,6 +131,12 @@ class LitEditCLI(LightningCLI):
         """Hand the evaluation settings to the editor."""
         config = self.config_init[self.subcommand] if self.subcommand else self.config_init
         self.model.evaluation = config["evaluation"]
+
+
+def _plain(value: Any) -> Any:
+    """A parsed config value as plain Python (jsonargparse namespaces become dicts)."""
+    as_dict = getattr(value, "as_dict", None)
+    return as_dict() if callable(as_dict) else value
 
 
 def train_main(args: Sequence[str] | None = None) -> LitEditCLI:

@@ -99,7 +99,7 @@ def _tiny_args(tmp_path, *extra):
     ]
 
 
-def test_short_fit_lowers_the_loss(tmp_path):
+def test_short_fit_lowers_the_loss_and_evaluates_with_the_configs_settings(tmp_path, caplog):
     cli = train_main([
         "fit",
         *_tiny_args(tmp_path),
@@ -119,7 +119,33 @@ def test_short_fit_lowers_the_loss(tmp_path):
         before, _ = fresh._loss(batch)
         after, _ = cli.model.eval()._loss(batch)
     assert after < 0.8 * before
-    assert (tmp_path / "ckpt" / "lte.ckpt").exists()
+    ckpt = tmp_path / "ckpt" / "lte.ckpt"
+    assert ckpt.exists()
+
+    # evaluation-time settings given with --ckpt_path are used (Lightning's default would
+    # silently replace them by the checkpoint's), and the difference is named
+    caplog.set_level("WARNING", logger="lit_edit.cli")
+    cli = evaluate_main([
+        *_tiny_args(tmp_path),
+        "--model.init_args.top_k", "2",
+        "--evaluation.exact_match", "false",
+        "--evaluation.results_dir", str(tmp_path / "results"),
+        "--ckpt_path", str(ckpt),
+    ])
+    assert cli.model.top_k == 2 and cli.model.retriever.top_k == 2
+    assert f"{ckpt} was trained with top_k=1; this run uses top_k=2" in caplog.text
+    assert "trained with lr=0.003; this run uses lr=0.002" in caplog.text  # fit had --lr 3e-3
+    assert "context_length=" not in caplog.text  # the same as in training: not reported
+    trained = torch.load(ckpt, weights_only=True, map_location="cpu")["state_dict"]
+    loaded = cli.model.state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in trained.items() if isinstance(v, torch.Tensor))
+
+    with pytest.raises(ValueError, match="holds a lit_edit.methods.LTEEditor"):
+        evaluate_main([
+            "--config", str(CONFIGS.parent / "ft" / "tinyfacts.yaml"),
+            "--trainer.logger", "false",
+            "--ckpt_path", str(ckpt),
+        ])
 
 
 def test_evaluate_sequential_logs_retrieval_hits(tmp_path):
@@ -149,3 +175,14 @@ def test_every_shipped_config_parses(name):
     with pytest.raises(SystemExit) as exit_info:
         LitEditCLI(args=["fit", *args, "--print_config"])
     assert exit_info.value.code in (0, None)
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (CONFIGS / "variants").glob("*.yaml")))
+def test_every_variant_overlay_parses(name, capsys):
+    overlay = CONFIGS / "variants" / name
+    args = ["--config", str(CONFIGS / "tinyfacts.yaml"), "--config", str(overlay)]
+    with pytest.raises(SystemExit) as exit_info:
+        LitEditCLI(args=["fit", *args, "--print_config"])
+    assert exit_info.value.code in (0, None)
+    printed = capsys.readouterr().out
+    assert f"checkpoints/lte/{name.removesuffix('.yaml').replace('_', '-')}" in printed

@@ -151,6 +151,29 @@ def test_distractors_are_seeded_near_and_never_the_same_subject():
     assert 0.15 < counts["facts=3"] / n < 0.35
 
 
+def test_true_fact_at_a_random_place_keeps_the_same_lists():
+    records = _records()
+    first = ParallelDataBuilder(HashingEncoder(), seed=3).build(records)
+    anywhere = ParallelDataBuilder(HashingEncoder(), seed=3, true_fact_first=False).build(records)
+    def key(x):
+        return (x.record, x.question, x.answer, x.scope, x.kind, x.with_facts)
+
+    assert sorted(map(key, first)) == sorted(map(key, anywhere))  # same samples, other lists
+    places = []
+    for b in anywhere:
+        if not b.with_facts:
+            continue
+        own = records[b.record].fact
+        assert own in b.facts and len(b.facts) == len(set(b.facts))
+        assert b.human == edit_prompt(b.facts, b.question)
+        if len(b.facts) > 1:
+            places.append(b.facts.index(own))
+    assert all(a.facts[0] == records[a.record].fact for a in first if a.with_facts)
+    # 2 and 3 facts: the own fact lands at every place, first about as often as by chance
+    assert set(places) == {0, 1, 2}
+    assert 0.3 < places.count(0) / len(places) < 0.6
+
+
 def test_builder_output_round_trips_through_the_fastchat_reader(tmp_path):
     samples = ParallelDataBuilder(None, seed=0).build(_records(2))
     path = tmp_path / "lte.json"

@@ -382,3 +382,51 @@ def test_warmup_cosine_factor_by_hand():
     assert warmup_cosine_factor(8, warmup=4, total=12, floor=0.1) == pytest.approx(0.55)
     assert warmup_cosine_factor(12, warmup=4, total=12, floor=0.1) == pytest.approx(0.1)
     assert warmup_cosine_factor(0, warmup=0, total=10) == 1.0  # no warm-up
+
+
+def test_fresh_subjects_rename_only_the_edited_subject(default_world: World) -> None:
+    from lit_edit.world.fresh import with_fresh_subjects
+    from lit_edit.world.names import name_words
+
+    records = default_world.edit_records(60, seed=2)
+    fresh = with_fresh_subjects(default_world, records, seed=5)
+    world_words = set().union(*(name_words(n) for ns in default_world.entities.values()
+                                for n in ns), *(name_words(a) for a in default_world.aliases))
+    names = [f.subject for f in fresh]
+    assert len(set(names)) == len(names)  # one distinct name per record
+    seen: set[str] = set()
+    for old, new in zip(records, fresh, strict=True):
+        assert new.subject is not None and old.subject is not None
+        words = name_words(new.subject)
+        assert not words & world_words and not words & seen  # never a word the model saw
+        seen |= words
+        assert new.prompt == old.prompt.replace(old.subject, new.subject)
+        assert old.subject not in new.prompt and new.subject in new.prompt
+        assert new.rephrase_prompts == tuple(
+            p.replace(old.subject, new.subject) for p in old.rephrase_prompts)
+        assert (new.target_new, new.ground_truth) == (old.target_new, old.ground_truth)
+        assert new.locality == old.locality  # real subjects, true answers: unchanged
+        assert "subject_aliasing" not in new.portability
+        for pairs in new.portability.values():
+            assert all(new.subject in p.prompt for p in pairs)
+        kept = [p for k, ps in old.portability.items() if k != "subject_aliasing" for p in ps
+                if old.subject in p.prompt]
+        assert sum(len(ps) for ps in new.portability.values()) == len(kept)
+        assert new.meta["original_subject"] == old.subject
+        # shape of the subject's type: people have two words, companies keep a suffix
+        if new.meta["subject_type"] == "person":
+            assert len(new.subject.split()) == 2
+    assert with_fresh_subjects(default_world, records, seed=5) == fresh  # seeded
+    assert with_fresh_subjects(default_world, records, seed=6) != fresh
+
+
+def test_fresh_subjects_keep_the_split(default_world: World) -> None:
+    from lit_edit.data import TinyFactsDataModule
+
+    real = TinyFactsDataModule(n_test=300, n_val=40, record_seed=3).load_records("fit")
+    fresh = TinyFactsDataModule(n_test=300, n_val=40, record_seed=3,
+                                fresh_subjects=True).load_records("fit")
+    for split in ("train", "val"):
+        assert [r.meta["original_subject"] for r in fresh[split]] == [
+            r.subject for r in real[split]]
+        assert [r.target_new for r in fresh[split]] == [r.target_new for r in real[split]]

@@ -47,6 +47,8 @@ class LTEDataModule(LightningDataModule):
             model-free lexical one).
         fact_counts: Probabilities of 1, 2 and 3 facts in a fact list.
         n_neighbours: Nearest other facts distractors are drawn from.
+        true_fact_first: The record's own fact first in every fact list (the paper); ``False``:
+            at a seeded random place (see :class:`~lit_edit.data.lte_parallel.ParallelDataBuilder`).
         max_in_scope: Most in-scope questions per record (``None``: all).
         max_out_of_scope: Most out-of-scope (locality) questions per record (``None``: all).
         unedited_twins: Also train on the questions without facts.
@@ -71,6 +73,7 @@ class LTEDataModule(LightningDataModule):
         encoder: str = DEFAULT_ENCODER,
         fact_counts: list[float] | None = None,
         n_neighbours: int = 5,
+        true_fact_first: bool = True,
         max_in_scope: int | None = None,
         max_out_of_scope: int | None = None,
         unedited_twins: bool = True,
@@ -95,6 +98,7 @@ class LTEDataModule(LightningDataModule):
         self.encoder = encoder
         self.fact_counts = list(fact_counts) if fact_counts is not None else [0.5, 0.25, 0.25]
         self.n_neighbours = n_neighbours
+        self.true_fact_first = true_fact_first
         self.max_in_scope = max_in_scope
         self.max_out_of_scope = max_out_of_scope
         self.unedited_twins = unedited_twins
@@ -125,6 +129,7 @@ class LTEDataModule(LightningDataModule):
             encoder=self._encoder,
             fact_counts=self.fact_counts,
             n_neighbours=self.n_neighbours,
+            true_fact_first=self.true_fact_first,
             seed=self.seed,
             max_in_scope=self.max_in_scope,
             max_out_of_scope=self.max_out_of_scope,

@@ -14,8 +14,9 @@ For each edit record the builder makes:
 
 The fact list holds the true fact alone (50%), with one distractor (25%) or with two (25%);
 distractors are drawn (seeded) from the ``n_neighbours`` nearest other facts by embedding
-(cosine), never about the same subject nor the same sentence; the true fact is always first and
-several facts are numbered ``1. ...`` / ``2. ...`` on separate lines, as in the paper's data.
+(cosine), never about the same subject nor the same sentence; the true fact is first (unless
+``true_fact_first=False`` places it at random) and several facts are numbered ``1. ...`` /
+``2. ...`` on separate lines, as in the paper's data.
 """
 
 from __future__ import annotations
@@ -44,7 +45,8 @@ class ParallelSample:
         human: The human turn: the template with facts, or the bare question.
         answer: The assistant turn (the only trained tokens, with the EOS after it).
         scope: ``"in"`` (the fact applies) or ``"out"`` (it must not change the answer).
-        facts: The facts in the template, true fact first (empty for an unedited twin).
+        facts: The facts in the template, the record's own fact first unless the builder places it
+            at random (empty for an unedited twin).
         question: The bare question.
         kind: ``"edit"``, ``"rephrase"``, ``"portability/<key>"`` or ``"locality/<key>"``.
         record: Index of the source record in the builder's input.
@@ -143,6 +145,9 @@ class ParallelDataBuilder:
         unedited_twins: Also make the samples without facts.
         unedited_answers: Answers of the unedited model to bare questions (a function from
             questions to answers), used for the portability twins; ``None``: no portability twin.
+        true_fact_first: Put the record's fact first in every list (the paper). ``False`` puts
+            it at a seeded random place, so that the answer must be found by matching the
+            question's subject rather than by copying the first fact.
     """
 
     def __init__(
@@ -156,6 +161,7 @@ class ParallelDataBuilder:
         max_out_of_scope: int | None = None,
         unedited_twins: bool = True,
         unedited_answers: Callable[[list[str]], list[str]] | None = None,
+        true_fact_first: bool = True,
     ) -> None:
         if len(fact_counts) != 3 or any(p < 0 for p in fact_counts) or sum(fact_counts) <= 0:
             raise ValueError(
@@ -174,6 +180,7 @@ class ParallelDataBuilder:
         self.max_out_of_scope = max_out_of_scope
         self.unedited_twins = unedited_twins
         self.unedited_answers = unedited_answers
+        self.true_fact_first = true_fact_first
 
     def distractor_pools(self, records: Sequence[EditRecord]) -> list[list[int]]:
         """Per record, the indices of the records whose facts may be its distractors."""
@@ -198,7 +205,10 @@ class ParallelDataBuilder:
         p1, p2, _ = self.fact_counts
         n_extra = 0 if u < p1 else 1 if u < p1 + p2 else 2
         chosen = rng.sample(pool, min(n_extra, len(pool)))
-        return (records[i].fact, *(records[j].fact for j in chosen))
+        facts = [records[i].fact, *(records[j].fact for j in chosen)]
+        if not self.true_fact_first:
+            rng.shuffle(facts)
+        return tuple(facts)
 
     def build(self, records: Sequence[EditRecord]) -> list[ParallelSample]:
         """Make the parallel samples of ``records``, in record order.

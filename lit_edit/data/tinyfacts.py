@@ -5,9 +5,13 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from lit_edit.data.datamodule import EditDataModule
 from lit_edit.records import EditRecord
+
+if TYPE_CHECKING:
+    from lit_edit.world.generator import World
 
 
 class TinyFactsDataModule(EditDataModule):
@@ -27,7 +31,10 @@ class TinyFactsDataModule(EditDataModule):
         n_test: Test (editing) records.
         relations: Relations to edit (default: every relation of the world).
         n_locality: Locality pairs per record.
-        record_seed: Seed of the new targets and locality choices.
+        record_seed: Seed of the new targets and locality choices (and of the fresh names).
+        fresh_subjects: Move every record onto a fresh invented subject after the split (see
+            :func:`~lit_edit.world.fresh.with_fresh_subjects`): facts about names the model never
+            saw, answerable only by reading them; for LTE alignment data.
         split_seed: Seed of the subject split.
         batch_size: Records per training batch.
         eval_batch_size: Records per validation/test batch (default: ``batch_size``).
@@ -49,6 +56,7 @@ class TinyFactsDataModule(EditDataModule):
         eval_batch_size: int | None = None,
         num_workers: int = 0,
         shuffle_seed: int = 0,
+        fresh_subjects: bool = False,
     ) -> None:
         super().__init__(
             split_seed=split_seed,
@@ -67,14 +75,17 @@ class TinyFactsDataModule(EditDataModule):
         self.relations = relations
         self.n_locality = n_locality
         self.record_seed = record_seed
+        self.fresh_subjects = fresh_subjects
 
-    def all_records(self) -> list[EditRecord]:
-        """Every edit record of the world (all facts of the chosen relations)."""
+    def _world(self) -> World:
         from lit_edit.world import load_world, resolve_tinyfacts
 
         path = Path(self.world)
-        model_dir = path if path.is_dir() else resolve_tinyfacts(self.world)
-        world = load_world(model_dir)
+        return load_world(path if path.is_dir() else resolve_tinyfacts(self.world))
+
+    def all_records(self) -> list[EditRecord]:
+        """Every edit record of the world (all facts of the chosen relations), real subjects."""
+        world = self._world()
         return world.edit_records(
             None, seed=self.record_seed, relations=self.relations, n_locality=self.n_locality
         )
@@ -90,7 +101,16 @@ class TinyFactsDataModule(EditDataModule):
             {"test": self.n_test, "val": self.n_val, "train": self.n_train},
             self.split_seed,
         )
-        return {name: splits[name] for name in self.splits_for_stage(stage)}
+        out = {name: splits[name] for name in self.splits_for_stage(stage)}
+        if self.fresh_subjects:
+            from lit_edit.world.fresh import with_fresh_subjects
+
+            world = self._world()
+            out = {
+                name: with_fresh_subjects(world, records, f"{self.record_seed}/{name}")
+                for name, records in out.items()
+            }
+        return out
 
 
 def split_by_subject(

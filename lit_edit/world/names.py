@@ -75,7 +75,7 @@ def generate_names(rng: random.Random, counts: dict[str, int]) -> dict[str, tupl
                 raise RuntimeError(f"could not draw {counts[kind]} distinct {kind} names")
             name = _one(rng, kind)
             # distinct whole names; distinct distinctive words (no shared first/last names etc.)
-            own = {w for w in name.split() if w not in _shared_words()}
+            own = name_words(name)
             if name in taken or own & words:
                 continue
             taken.add(name)
@@ -88,3 +88,21 @@ def generate_names(rng: random.Random, counts: dict[str, int]) -> dict[str, tupl
 def _shared_words() -> frozenset[str]:
     """Words that may occur in many names (company suffixes)."""
     return frozenset(s.strip() for s in _suffixes()["company"])
+
+
+def name_words(name: str) -> set[str]:
+    """The distinctive words of a name (company suffixes left out)."""
+    return {w for w in name.split() if w not in _shared_words()}
+
+
+def draw_name(rng: random.Random, kind: str, taken_words: set[str]) -> str:
+    """One new name of ``kind`` sharing no distinctive word with ``taken_words``.
+
+    Raises:
+        RuntimeError: if no such name turns up in 10,000 draws.
+    """
+    for _ in range(10_000):
+        name = _one(rng, kind)
+        if not name_words(name) & taken_words:
+            return name
+    raise RuntimeError(f"could not draw a fresh {kind} name")
