@@ -94,7 +94,6 @@ class EvaluationRun:
                 lambda a, b, m, p=pick: m.update([x.portability for x in p(a, b)]),
             )
             if self.settings.exact_match:
-                """The pre-edit value for the ``pre_`` metrics, the post-edit one otherwise."""
                 for kind in ("reliability", "generalization", "portability"):
                     entries[f"{prefix}{kind}_em"] = (
                         ExactMatch(agg),

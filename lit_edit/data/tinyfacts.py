@@ -83,9 +83,13 @@ class TinyFactsDataModule(EditDataModule):
         path = Path(self.world)
         return load_world(path if path.is_dir() else resolve_tinyfacts(self.world))
 
-    def all_records(self) -> list[EditRecord]:
-        """Every edit record of the world (all facts of the chosen relations), real subjects."""
-        world = self._world()
+    def all_records(self, world: World | None = None) -> list[EditRecord]:
+        """Every edit record of the world (all facts of the chosen relations), real subjects.
+
+        Args:
+            world: The loaded world (default: load it from ``world``).
+        """
+        world = world or self._world()
         return world.edit_records(
             None, seed=self.record_seed, relations=self.relations, n_locality=self.n_locality
         )
@@ -96,8 +100,9 @@ class TinyFactsDataModule(EditDataModule):
 
     def load_records(self, stage: str) -> dict[str, list[EditRecord]]:
         """Split the world's records by subject into the splits ``stage`` needs."""
+        world = self._world()
         splits = split_by_subject(
-            self.all_records(),
+            self.all_records(world),
             {"test": self.n_test, "val": self.n_val, "train": self.n_train},
             self.split_seed,
         )
@@ -105,7 +110,6 @@ class TinyFactsDataModule(EditDataModule):
         if self.fresh_subjects:
             from lit_edit.world.fresh import with_fresh_subjects
 
-            world = self._world()
             out = {
                 name: with_fresh_subjects(world, records, f"{self.record_seed}/{name}")
                 for name, records in out.items()

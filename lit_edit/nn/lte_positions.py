@@ -78,4 +78,3 @@ def set_dropout(model: nn.Module, p: float) -> int:
         if config is not None and hasattr(config, name):
             setattr(config, name, p)
     return len(modules)
-

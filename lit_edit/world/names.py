@@ -63,23 +63,13 @@ def generate_names(rng: random.Random, counts: dict[str, int]) -> dict[str, tupl
         RuntimeError: if the name space is too small for the requested counts.
     """
     order = ("person", "alias", "city", "country", "company", "language")
-    taken: set[str] = set()
-    words: set[str] = set()
+    words: set[str] = set()  # distinct distinctive words: no shared first/last names etc.
     out: dict[str, tuple[str, ...]] = {}
     for kind in order:
         names: list[str] = []
-        attempts = 0
-        while len(names) < counts.get(kind, 0):
-            attempts += 1
-            if attempts > 200 * (counts[kind] + 10):
-                raise RuntimeError(f"could not draw {counts[kind]} distinct {kind} names")
-            name = _one(rng, kind)
-            # distinct whole names; distinct distinctive words (no shared first/last names etc.)
-            own = name_words(name)
-            if name in taken or own & words:
-                continue
-            taken.add(name)
-            words |= own
+        for _ in range(counts.get(kind, 0)):
+            name = draw_name(rng, kind, words)
+            words |= name_words(name)
             names.append(name)
         out[kind] = tuple(names)
     return out
