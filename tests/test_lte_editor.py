@@ -104,6 +104,7 @@ def test_short_fit_lowers_the_loss_and_evaluates_with_the_configs_settings(tmp_p
         "fit",
         *_tiny_args(tmp_path),
         "--data.init_args.unedited_answers", "dataset",
+        "--data.init_args.max_replay", "32",  # the config's replay, a few pairs
         "--data.init_args.batch_size", "16",
         "--model.init_args.lr", "3e-3",
         "--trainer.max_epochs", "1",
@@ -186,3 +187,29 @@ def test_every_variant_overlay_parses(name, capsys):
     assert exit_info.value.code in (0, None)
     printed = capsys.readouterr().out
     assert f"checkpoints/lte/{name.removesuffix('.yaml').replace('_', '-')}" in printed
+
+
+def test_replay_adds_a_seeded_sample_of_the_pretraining_pairs_to_training_only():
+    from lit_edit.data import TinyFactsDataModule
+    from lit_edit.data.lte_datamodule import LTEDataModule
+    from lit_edit.data.tinyfacts import load_tinyfacts_world
+
+    pretraining = load_tinyfacts_world(BACKBONE).pretraining_pairs()
+
+    def module(**kw):
+        edits = TinyFactsDataModule(world=BACKBONE, n_train=10, n_val=2, n_test=2)
+        return LTEDataModule(edits, encoder="hashing", replay=BACKBONE, **kw)
+
+    dm = module(max_replay=40)
+    dm.setup("fit")
+    replayed = dm.samples["train"][-40:]
+    assert len(set(replayed)) == 40 and set(replayed) <= set(pretraining)
+    assert not set(dm.samples["val"]) & set(replayed)  # validation is not replayed
+    plain = LTEDataModule(
+        TinyFactsDataModule(world=BACKBONE, n_train=10, n_val=2, n_test=2), encoder="hashing"
+    )
+    plain.setup("fit")
+    assert dm.samples["train"][:-40] == plain.samples["train"]
+    assert module(max_replay=40).replay_samples() == replayed  # seeded
+    assert module(max_replay=40, seed=1).replay_samples() != replayed
+    assert module().replay_samples() == pretraining  # all of them, in order

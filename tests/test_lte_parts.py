@@ -1,6 +1,7 @@
 """LTE parts without a language model: templates, parallel data, edit memory and retrieval."""
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -112,6 +113,28 @@ def test_builder_makes_in_scope_out_of_scope_and_unedited_twins():
     assert "portability/two_hop" not in twins
     stats = sample_stats(samples)
     assert stats["in/edited"] == 3 * len(records) and stats["out/edited"] == len(records)
+
+
+def test_out_of_scope_questions_come_only_from_the_named_locality_groups():
+    records = [
+        replace(r, locality={**r.locality, "other_relation": (
+            QAPair(f"{r.subject} speaks", "Lang0"), QAPair(f"{r.subject} owns", "Dog0"),
+        )})
+        for r in _records(4)
+    ]
+    every = ParallelDataBuilder(HashingEncoder()).build(records)
+    kinds = sorted({s.kind for s in every if s.scope == "out"})
+    assert kinds == ["locality/neighborhood", "locality/other_relation"]
+    only = ParallelDataBuilder(HashingEncoder(), out_of_scope_groups=["other_relation"])
+    out = [s for s in only.build(records) if s.scope == "out"]
+    # two edited samples and two unedited twins per record, all from other_relation
+    assert len(out) == 4 * len(records)
+    assert {s.kind for s in out} == {"locality/other_relation"}
+    assert {s.answer for s in out} == {"Lang0", "Dog0"}
+    capped = ParallelDataBuilder(
+        HashingEncoder(), out_of_scope_groups=["other_relation"], max_out_of_scope=1
+    ).build(records)
+    assert sum(s.scope == "out" and s.with_facts for s in capped) == len(records)
 
 
 def test_builder_portability_twins_come_from_the_unedited_answerer():

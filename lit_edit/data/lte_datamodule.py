@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader
 from lit_edit.data.datamodule import EditDataModule
 from lit_edit.data.lte_parallel import ParallelDataBuilder, sample_stats
 from lit_edit.data.reading import read_conversations
+from lit_edit.data.tinyfacts import load_tinyfacts_world
 from lit_edit.nn.retrieval import DEFAULT_ENCODER, Encoder, load_encoder
 from lit_edit.records import QAPair
 from lit_edit.sampling import LengthBucketSampler
@@ -51,7 +52,15 @@ class LTEDataModule(LightningDataModule):
             at a seeded random place (see :class:`~lit_edit.data.lte_parallel.ParallelDataBuilder`).
         max_in_scope: Most in-scope questions per record (``None``: all).
         max_out_of_scope: Most out-of-scope (locality) questions per record (``None``: all).
+        out_of_scope_groups: Locality groups out-of-scope questions are drawn from (``None``:
+            all; e.g. ``["other_relation"]``: TinyFacts questions about the edited subject).
         unedited_twins: Also train on the questions without facts.
+        replay: Mix the pretraining (prompt, answer) pairs of this TinyFacts world (a model name
+            like ``"tinyfacts"`` or a built model directory) into the training samples, bare and
+            with the answer-only loss, so that alignment keeps what the model knows: without it
+            full fine-tuning of the tiny model forgets most facts of the subjects it is not
+            aligned on (README, LTE). ``None``: no replay.
+        max_replay: Most replay pairs (seeded subsample; ``None``: all).
         unedited_answers: Where the unedited answers of portability questions come from:
             ``"dataset"`` (none: no portability twin) or ``"model"`` (greedy answers of the
             editor's backbone before alignment, via its ``unedited_answers`` method).
@@ -76,8 +85,11 @@ class LTEDataModule(LightningDataModule):
         true_fact_first: bool = True,
         max_in_scope: int | None = None,
         max_out_of_scope: int | None = None,
+        out_of_scope_groups: list[str] | None = None,
         unedited_twins: bool = True,
         unedited_answers: Literal["dataset", "model"] = "dataset",
+        replay: str | None = None,
+        max_replay: int | None = None,
         seed: int = 0,
         max_val_samples: int | None = 2000,
         batch_size: int = 16,
@@ -101,8 +113,11 @@ class LTEDataModule(LightningDataModule):
         self.true_fact_first = true_fact_first
         self.max_in_scope = max_in_scope
         self.max_out_of_scope = max_out_of_scope
+        self.out_of_scope_groups = out_of_scope_groups
         self.unedited_twins = unedited_twins
         self.unedited_answers = unedited_answers
+        self.replay = replay
+        self.max_replay = max_replay
         self.seed = seed
         self.max_val_samples = max_val_samples
         self.batch_size = batch_size
@@ -133,6 +148,7 @@ class LTEDataModule(LightningDataModule):
             seed=self.seed,
             max_in_scope=self.max_in_scope,
             max_out_of_scope=self.max_out_of_scope,
+            out_of_scope_groups=self.out_of_scope_groups,
             unedited_twins=self.unedited_twins and primary,
             unedited_answers=answerer,
         )
@@ -159,6 +175,16 @@ class LTEDataModule(LightningDataModule):
             pairs += [QAPair(s.human, s.answer) for s in samples]
         return pairs
 
+    def replay_samples(self) -> list[QAPair]:
+        """Pretraining pairs of the :attr:`replay` world (a seeded subsample of ``max_replay``)."""
+        if self.replay is None:
+            return []
+        pairs = load_tinyfacts_world(self.replay).pretraining_pairs()
+        if self.max_replay is not None and len(pairs) > self.max_replay:
+            pairs = random.Random(self.seed).sample(pairs, self.max_replay)
+        log.info("train: %d replay pairs from the pretraining text of %s", len(pairs), self.replay)
+        return [QAPair(p.prompt, p.answer) for p in pairs]
+
     def setup(self, stage: str) -> None:
         """Build or read the alignment samples (``fit``), or prepare the test records."""
         if stage in ("fit", "validate"):
@@ -170,6 +196,8 @@ class LTEDataModule(LightningDataModule):
             splits = ("train", "val") if stage == "fit" else ("val",)
             for split in splits:
                 self.samples[split] = self._split_samples(split)
+            if stage == "fit":
+                self.samples["train"] += self.replay_samples()
             val = self.samples.get("val", [])
             if self.max_val_samples is not None and len(val) > self.max_val_samples:
                 self.samples["val"] = random.Random(self.seed).sample(val, self.max_val_samples)

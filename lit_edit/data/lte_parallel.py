@@ -142,6 +142,8 @@ class ParallelDataBuilder:
         max_in_scope: Most in-scope questions per record (``None``: all); picked in order edit,
             rephrases, portability after a seeded shuffle of the non-edit ones.
         max_out_of_scope: Most locality questions per record (``None``: all).
+        out_of_scope_groups: Locality groups the out-of-scope questions come from (``None``:
+            all), e.g. ``["other_relation"]`` for questions about the edited subject only.
         unedited_twins: Also make the samples without facts.
         unedited_answers: Answers of the unedited model to bare questions (a function from
             questions to answers), used for the portability twins; ``None``: no portability twin.
@@ -159,6 +161,7 @@ class ParallelDataBuilder:
         template: str = LTE_TEMPLATE,
         max_in_scope: int | None = None,
         max_out_of_scope: int | None = None,
+        out_of_scope_groups: Sequence[str] | None = None,
         unedited_twins: bool = True,
         unedited_answers: Callable[[list[str]], list[str]] | None = None,
         true_fact_first: bool = True,
@@ -178,6 +181,7 @@ class ParallelDataBuilder:
         self.template = template
         self.max_in_scope = max_in_scope
         self.max_out_of_scope = max_out_of_scope
+        self.out_of_scope_groups = None if out_of_scope_groups is None else set(out_of_scope_groups)
         self.unedited_twins = unedited_twins
         self.unedited_answers = unedited_answers
         self.true_fact_first = true_fact_first
@@ -235,6 +239,7 @@ class ParallelDataBuilder:
             out_scope = [
                 (p.prompt, p.answer, f"locality/{key}")
                 for key, pairs in r.locality.items()
+                if self.out_of_scope_groups is None or key in self.out_of_scope_groups
                 for p in pairs
             ]
             if self.max_out_of_scope is not None:

@@ -14,6 +14,19 @@ if TYPE_CHECKING:
     from lit_edit.world.generator import World
 
 
+def load_tinyfacts_world(world: str) -> World:
+    """Load a TinyFacts world.
+
+    Args:
+        world: A model name (``"tinyfacts"``, ``"tinyfacts-llama"``; built and cached on first
+            use) or a built model directory holding ``world.json``.
+    """
+    from lit_edit.world import load_world, resolve_tinyfacts
+
+    path = Path(world)
+    return load_world(path if path.is_dir() else resolve_tinyfacts(world))
+
+
 class TinyFactsDataModule(EditDataModule):
     """Edit records of a TinyFacts world, split into train/val/test with disjoint subjects.
 
@@ -78,10 +91,7 @@ class TinyFactsDataModule(EditDataModule):
         self.fresh_subjects = fresh_subjects
 
     def _world(self) -> World:
-        from lit_edit.world import load_world, resolve_tinyfacts
-
-        path = Path(self.world)
-        return load_world(path if path.is_dir() else resolve_tinyfacts(self.world))
+        return load_tinyfacts_world(self.world)
 
     def all_records(self, world: World | None = None) -> list[EditRecord]:
         """Every edit record of the world (all facts of the chosen relations), real subjects.
