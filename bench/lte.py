@@ -35,6 +35,7 @@ def _median_ms(fn, repeat: int) -> float:
 
 
 def bench_insertion_and_retrieval() -> None:
+    """Print edit insertion cost and memory search latency at 1k, 10k and 100k entries."""
     from lit_edit.nn.retrieval import EditMemory, Retriever, load_encoder
 
     encoder = load_encoder("all-MiniLM-L6-v2")
@@ -73,6 +74,7 @@ def bench_insertion_and_retrieval() -> None:
 
 
 def bench_alignment(backbone: str, steps: int, batch_size: int) -> None:
+    """Print alignment training throughput (real tokens/s) of full fine-tuning."""
     from lit_edit.data.lte_parallel import ParallelDataBuilder
     from lit_edit.methods.lte import LTEEditor
     from lit_edit.nn.retrieval import HashingEncoder
@@ -106,6 +108,7 @@ def bench_alignment(backbone: str, steps: int, batch_size: int) -> None:
 
 
 def main() -> None:
+    """Run the three measurements and print them."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backbone", default="tinyfacts")
     parser.add_argument("--threads", type=int, default=1)

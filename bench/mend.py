@@ -47,20 +47,24 @@ class StepTimer(L.Callback):
         self.end: float | None = None
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # noqa: ANN001
+        """Start the clock at the first step after the warm-up."""
         if self.start is None and trainer.global_step == self.warmup:
             self.start = time.perf_counter()
 
     def on_train_end(self, trainer, pl_module) -> None:  # noqa: ANN001
+        """Stop the clock."""
         self.end = time.perf_counter()
 
 
 def loader(records: list, seed: int) -> DataLoader:
+    """Seeded shuffled loader of one record per batch (MEND's training batches)."""
     generator = torch.Generator().manual_seed(seed)
     return DataLoader(records, batch_size=1, shuffle=True, generator=generator, collate_fn=list)
 
 
 def lightning_run(editor: MENDEditor, records: list, steps: int, warmup: int, accumulate: int,
                   clip: float | None) -> float:
+    """Optimizer steps per second of ``MENDEditor`` under Lightning ``fit`` (after warm-up)."""
     timer = StepTimer(warmup)
     trainer = L.Trainer(
         accelerator="cpu",
