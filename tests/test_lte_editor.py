@@ -213,3 +213,26 @@ def test_replay_adds_a_seeded_sample_of_the_pretraining_pairs_to_training_only()
     assert module(max_replay=40).replay_samples() == replayed  # seeded
     assert module(max_replay=40, seed=1).replay_samples() != replayed
     assert module().replay_samples() == pretraining  # all of them, in order
+
+
+def test_replay_from_a_conversations_file_and_a_clear_error_for_anything_else(tmp_path):
+    from lit_edit.data import TinyFactsDataModule
+    from lit_edit.data.lte_datamodule import LTEDataModule
+
+    path = tmp_path / "known.json"
+    path.write_text(json.dumps([
+        {"id": str(i), "conversations": [
+            {"from": "human", "value": f"Question {i}?"}, {"from": "gpt", "value": f"Answer {i}"},
+        ]}
+        for i in range(5)
+    ]))
+
+    def module(replay, **kw):
+        edits = TinyFactsDataModule(world=BACKBONE, n_train=10, n_val=2, n_test=2)
+        return LTEDataModule(edits, encoder="hashing", replay=replay, **kw)
+
+    want = [QAPair(f"Question {i}?", f"Answer {i}") for i in range(5)]
+    assert module(str(path)).replay_samples() == want
+    assert set(module(str(path), max_replay=2).replay_samples()) < set(want)
+    with pytest.raises(ValueError, match="replay='no-such-model' is neither a conversations file"):
+        module("no-such-model").replay_samples()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import random
+from pathlib import Path
 from typing import Any, Literal
 
 from lightning.pytorch import LightningDataModule
@@ -55,11 +56,12 @@ class LTEDataModule(LightningDataModule):
         out_of_scope_groups: Locality groups out-of-scope questions are drawn from (``None``:
             all; e.g. ``["other_relation"]``: TinyFacts questions about the edited subject).
         unedited_twins: Also train on the questions without facts.
-        replay: Mix the pretraining (prompt, answer) pairs of this TinyFacts world (a model name
-            like ``"tinyfacts"`` or a built model directory) into the training samples, bare and
-            with the answer-only loss, so that alignment keeps what the model knows: without it
-            full fine-tuning of the tiny model forgets most facts of the subjects it is not
-            aligned on (README, LTE). ``None``: no replay.
+        replay: Mix (prompt, answer) pairs the model already knows into the training samples,
+            bare and with the answer-only loss, so that alignment keeps its knowledge: a TinyFacts
+            world (a model name like ``"tinyfacts"`` or a built model directory: its pretraining
+            pairs), or a FastChat/LTE conversations file (``.json``/``.jsonl``) of such pairs
+            for other models. Without it, full fine-tuning of the tiny model forgets most facts
+            of the subjects it is not aligned on (README, LTE). ``None``: no replay.
         max_replay: Most replay pairs (seeded subsample; ``None``: all).
         unedited_answers: Where the unedited answers of portability questions come from:
             ``"dataset"`` (none: no portability twin) or ``"model"`` (greedy answers of the
@@ -176,14 +178,32 @@ class LTEDataModule(LightningDataModule):
         return pairs
 
     def replay_samples(self) -> list[QAPair]:
-        """Pretraining pairs of the :attr:`replay` world (a seeded subsample of ``max_replay``)."""
+        """The :attr:`replay` pairs (a seeded subsample of ``max_replay``).
+
+        Raises:
+            DataFileError: for an invalid conversations file.
+            ValueError: for a name that is neither a file nor a TinyFacts model.
+        """
         if self.replay is None:
             return []
-        pairs = load_tinyfacts_world(self.replay).pretraining_pairs()
+        path = Path(self.replay)
+        if path.is_file():
+            pairs = [QAPair(c.prompt, c.answer) for c in read_conversations(path).records]
+            source = f"conversations file {path}"
+        else:
+            try:
+                world = load_tinyfacts_world(self.replay)
+            except ValueError as err:
+                raise ValueError(
+                    f"replay={self.replay!r} is neither a conversations file nor a TinyFacts "
+                    f"model: {err}"
+                ) from err
+            pairs = [QAPair(p.prompt, p.answer) for p in world.pretraining_pairs()]
+            source = f"the pretraining text of {self.replay}"
         if self.max_replay is not None and len(pairs) > self.max_replay:
             pairs = random.Random(self.seed).sample(pairs, self.max_replay)
-        log.info("train: %d replay pairs from the pretraining text of %s", len(pairs), self.replay)
-        return [QAPair(p.prompt, p.answer) for p in pairs]
+        log.info("train: %d replay pairs from %s", len(pairs), source)
+        return pairs
 
     def setup(self, stage: str) -> None:
         """Build or read the alignment samples (``fit``), or prepare the test records."""
