@@ -4,10 +4,11 @@
 
 Alignment fine-tunes the whole model; the editing metrics cannot show what it forgot, because
 locality compares the edited model with the *aligned* model before the edit. This prints, for the
-TinyFacts base model and each LTE checkpoint, the greedy exact-match accuracy of the bare
-questions (no fact in the prompt) about the subjects of the first ``--n`` training and test
-records: each record's edit question (answer: the true object) and its locality questions (other
-relations of the subject, other subjects with the same relation), side by side in one run.
+TinyFacts base model and each LTE checkpoint, the generation exact match (greedy, the ``*_em``
+metrics' definition) of the bare questions (no fact in the prompt) about the subjects of the
+first ``--n`` training and test records: each record's edit question (answer: the true object)
+and its locality questions (other relations of the subject, other subjects with the same
+relation), side by side in one run.
 """
 
 from __future__ import annotations
@@ -18,28 +19,28 @@ import torch
 
 
 def bare_accuracy(editor, records) -> tuple[float, int]:
-    """Greedy exact-match accuracy of the records' bare true-fact questions.
+    """Generation exact match (the EM metrics' definition) of the records' bare true-fact questions.
 
     Args:
-        editor: An ``LTEEditor`` (its model, tokenizer and chat wrapping are used).
+        editor: An ``LTEEditor`` with an empty memory (questions are asked bare, chat-wrapped).
         records: TinyFacts edit records.
 
     Returns:
         ``(accuracy, number of questions)``.
     """
-    pairs = [(r.prompt, r.ground_truth[0]) for r in records]
-    pairs += [(p.prompt, p.answer) for r in records for g in r.locality.values() for p in g]
-    gens = editor.evaluation.scorer().generate(
-        editor.model, editor.tokenizer, [editor.wrap(q) for q, _ in pairs], 8
-    )
-    hits = sum(g.text.strip().startswith(a) for (_, a), g in zip(pairs, gens, strict=True))
-    return hits / len(pairs), len(pairs)
+    from lit_edit.metrics import answer_matches
+    from lit_edit.records import QAPair
+
+    pairs = [QAPair(r.prompt, r.ground_truth[0]) for r in records]
+    pairs += [p for r in records for g in r.locality.values() for p in g]
+    answers = editor.generate_answers(pairs)
+    return sum(answer_matches(a) for a in answers) / len(pairs), len(pairs)
 
 
 def main() -> None:
     """Print the bare-question accuracy of the base model and of each checkpoint."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("checkpoints", nargs="+", help="LTEEditor checkpoints (full fine-tuning)")
+    parser.add_argument("checkpoints", nargs="+", help="LTEEditor checkpoints (full or LoRA)")
     parser.add_argument("--backbone", default="tinyfacts", help="TinyFacts model the LTE runs use")
     parser.add_argument("--n", type=int, default=150, help="records per split")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
@@ -62,6 +63,8 @@ def main() -> None:
         else:
             editor = LTEEditor.load_from_checkpoint(ckpt, map_location="cpu")
         editor.eval()
+        if len(editor.memory):
+            raise SystemExit(f"{name} holds {len(editor.memory)} edits: not a bare question")
         cells = [bare_accuracy(editor, splits[s]) for s in ("train", "test")]
         row = " ".join(f"{100 * acc:10.1f} ({n})" for acc, n in cells)
         print(f"  {name[-48:]:<48} {row}")

@@ -25,6 +25,11 @@ def _collate_pairs(batch: list[QAPair]) -> list[QAPair]:
     return list(batch)
 
 
+def _conversation_pairs(path: str | Path) -> list[QAPair]:
+    """The (human turn, answer) pairs of a FastChat/LTE conversations file."""
+    return [QAPair(c.prompt, c.answer) for c in read_conversations(path).records]
+
+
 class LTEDataModule(LightningDataModule):
     """LTE alignment data for ``fit`` and edit records for ``test``, from one config.
 
@@ -158,7 +163,7 @@ class LTEDataModule(LightningDataModule):
     def _split_samples(self, split: str) -> list[QAPair]:
         path = self.paths[split]
         if path is not None:
-            pairs = [QAPair(c.prompt, c.answer) for c in read_conversations(path).records]
+            pairs = _conversation_pairs(path)
             log.info("%s: %d alignment samples from %s", split, len(pairs), path)
             return pairs
         sources = [(self.edits, True)] if self.edits is not None else []
@@ -188,7 +193,7 @@ class LTEDataModule(LightningDataModule):
             return []
         path = Path(self.replay)
         if path.is_file():
-            pairs = [QAPair(c.prompt, c.answer) for c in read_conversations(path).records]
+            pairs = _conversation_pairs(path)
             source = f"conversations file {path}"
         else:
             try:
