@@ -8,7 +8,8 @@
 * Retrieval: search of one query (and of a batch of 64, per query) in memories of 1k, 10k and
   100k keys. The keys are random unit vectors of the encoder's dimension (384): the search cost
   depends only on the sizes, and encoding 100k questions would take minutes. The query's own
-  embedding cost is printed separately.
+  embedding cost is printed separately. With the learned scope (``LTEEditor(scope=True)``) a
+  query searches its 8 nearest keys and the scope head scores them: timed as "with scope".
 * Alignment: optimizer steps (forward, backward, AdamW) of LTEEditor's answer-only SFT loss on
   parallel samples built from TinyFacts records, length-bucketed batches as in training; tokens/s
   counts real (non-padding) tokens.
@@ -37,6 +38,7 @@ def _median_ms(fn, repeat: int) -> float:
 def bench_insertion_and_retrieval() -> None:
     """Print edit insertion cost and memory search latency at 1k, 10k and 100k entries."""
     from lit_edit.nn.retrieval import EditMemory, Retriever, load_encoder
+    from lit_edit.nn.scope import ScopeHead
 
     encoder = load_encoder("all-MiniLM-L6-v2")
     dim = encoder.dim
@@ -56,9 +58,20 @@ def bench_insertion_and_retrieval() -> None:
     print(f"  insert one by one (embed + append): {one:8.2f} ms/edit")
     print(f"  insert in bulk of 300:              {bulk:8.2f} ms/edit")
     print(f"  embed one query:                    {encode_query:8.2f} ms/query")
-    print("memory search (random unit keys, float16 scan + float32 re-rank, top-1)")
-    print(f"  {'entries':>8} {'append ms/edit':>15} {'query ms':>10} {'batch-64 ms/query':>18}")
+    print("memory search (random unit keys, float16 scan + float32 re-rank, top-1; with scope:")
+    print("  8 nearest keys scored by a 256-wide scope head)")
+    print(f"  {'entries':>8} {'append ms/edit':>15} {'query ms':>10} {'batch-64 ms/query':>18}"
+          f" {'with scope ms':>14}")
     gen = torch.Generator().manual_seed(0)
+    head = ScopeHead()  # weights of the shipped shape; their values do not change the cost
+    head.fit(torch.randn(8, dim, generator=gen), torch.randn(8, dim, generator=gen),
+             torch.arange(8) % 2 == 0, steps=1)
+
+    def scoped(memory: EditMemory, q: torch.Tensor) -> torch.Tensor:
+        """Search the 8 nearest keys and score them with the head (the scoped query path)."""
+        _, idx = memory.search(q, 8)  # [1, 8]
+        keys = memory.keys[idx]  # [1, 8, D]
+        return head(keys, q[:, None, :].expand_as(keys))
     for n in (1_000, 10_000, 100_000):
         keys = torch.nn.functional.normalize(torch.randn(n, dim, generator=gen), dim=-1)
         memory = EditMemory()
@@ -70,7 +83,8 @@ def bench_insertion_and_retrieval() -> None:
         qs = torch.nn.functional.normalize(torch.randn(64, dim, generator=gen), dim=-1)
         single = _median_ms(lambda m=memory, q=q: m.search(q, 1), 50)
         batch = _median_ms(lambda m=memory, qs=qs: m.search(qs, 1), 10) / 64
-        print(f"  {n:>8} {append:>15.4f} {single:>10.2f} {batch:>18.3f}")
+        with_scope = _median_ms(lambda m=memory, q=q: scoped(m, q), 50)
+        print(f"  {n:>8} {append:>15.4f} {single:>10.2f} {batch:>18.3f} {with_scope:>14.2f}")
 
 
 def bench_alignment(backbone: str, steps: int, batch_size: int) -> None:

@@ -149,9 +149,50 @@ def test_short_fit_lowers_the_loss_and_evaluates_with_the_configs_settings(tmp_p
         ])
 
 
+def test_fit_trains_the_scope_head_without_changing_the_alignment(tmp_path, caplog):
+    def fit(name, scope):
+        return train_main([
+            "fit",
+            *_tiny_args(tmp_path / name),
+            "--model.init_args.scope", scope,
+            "--model.init_args.scope_steps", "50",
+            "--data.init_args.unedited_answers", "dataset",
+            "--data.init_args.max_replay", "16",
+            "--trainer.max_epochs", "1",
+            "--trainer.limit_train_batches", "3",
+            "--trainer.limit_val_batches", "1",
+            "--trainer.val_check_interval", "1.0",
+            "--trainer.callbacks.init_args.dirpath", str(tmp_path / name),
+        ])
+
+    caplog.set_level("INFO", logger="lit_edit.methods.lte")
+    with_scope, without = fit("on", "true"), fit("off", "false")
+    assert "scope head: " in caplog.text and "validation (" in caplog.text
+    assert with_scope.model.scope_head.trained and without.model.scope_head is None
+    on, off = with_scope.model.model.state_dict(), without.model.model.state_dict()
+    assert on.keys() == off.keys() and all(torch.equal(on[k], off[k]) for k in on)
+    saved = torch.load(tmp_path / "on" / "lte.ckpt", weights_only=True, map_location="cpu")
+    assert saved["state_dict"]["scope_head._extra_state"]["weights"]["w1"].shape[1] == 2 * 256 + 1
+
+    common = ["--evaluation.exact_match", "false", "--data.init_args.edits.init_args.n_test", "6"]
+    cli = evaluate_main([*_tiny_args(tmp_path / "eval"), *common,
+                         "--ckpt_path", str(tmp_path / "on" / "lte.ckpt")])
+    assert cli.model.scope_head.trained and "test/retrieval_hit@1" in cli.trainer.callback_metrics
+    caplog.set_level("WARNING", logger="lit_edit.methods.lte")
+    evaluate_main([*_tiny_args(tmp_path / "eval"), *common, "--model.init_args.scope", "false",
+                   "--ckpt_path", str(tmp_path / "on" / "lte.ckpt")])
+    assert "scope head is not used (scope=False)" in caplog.text
+    with pytest.raises(ValueError, match="checkpoint has no trained scope head"):
+        evaluate_main([*_tiny_args(tmp_path / "eval"), *common,
+                       "--ckpt_path", str(tmp_path / "off" / "lte.ckpt")])
+    with pytest.raises(RuntimeError, match="scope head is not trained"):
+        evaluate_main([*_tiny_args(tmp_path / "eval"), *common])
+
+
 def test_evaluate_sequential_logs_retrieval_hits(tmp_path):
     cli = evaluate_main([
         *_tiny_args(tmp_path),
+        "--model.init_args.scope", "false",
         "--config", str(CONFIGS / "eval_sequential_10.yaml"),
         "--evaluation.protocol.init_args.group_size", "4",
         "--evaluation.exact_match", "false",

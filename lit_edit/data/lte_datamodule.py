@@ -15,7 +15,7 @@ from lit_edit.data.lte_parallel import ParallelDataBuilder, sample_stats
 from lit_edit.data.reading import read_conversations
 from lit_edit.data.tinyfacts import load_tinyfacts_world
 from lit_edit.nn.retrieval import DEFAULT_ENCODER, Encoder, load_encoder
-from lit_edit.records import QAPair
+from lit_edit.records import EditRecord, QAPair
 from lit_edit.sampling import LengthBucketSampler
 
 log = logging.getLogger(__name__)
@@ -181,6 +181,15 @@ class LTEDataModule(LightningDataModule):
             )
             pairs += [QAPair(s.human, s.answer) for s in samples]
         return pairs
+
+    def edit_records(self, split: str) -> list[EditRecord]:
+        """The records of a split of ``edits`` after ``setup``.
+
+        Empty without ``edits`` or when the alignment data comes from conversations files.
+        """
+        if self.edits is None or self.paths["train"] is not None:
+            return []
+        return list(self.edits.records.get(split, []))
 
     def replay_samples(self) -> list[QAPair]:
         """The :attr:`replay` pairs (a seeded subsample of ``max_replay``).

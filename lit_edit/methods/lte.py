@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 import math
+import random
 from collections.abc import Sequence
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -15,10 +18,13 @@ from lit_edit.methods.base import EditorModule
 from lit_edit.nn.lte_positions import extend_context, set_dropout
 from lit_edit.nn.lte_templates import ChatWrapper, TemplateName, edit_prompt, template_text
 from lit_edit.nn.retrieval import DEFAULT_ENCODER, EditMemory, Retriever, load_encoder
+from lit_edit.nn.scope import ScopeHead, ScopePair, scope_pairs
 from lit_edit.records import EditRecord, QAPair
 from lit_edit.schedules import warmup_cosine
 from lit_edit.scoring import GeneratedAnswer, PairScore
 from lit_edit.tokenization import pad_sequences, pad_token_id
+
+log = logging.getLogger(__name__)
 
 # attention projections LoRA targets by default: the paper's q/v, per architecture
 _QV_NAMES: tuple[tuple[str, ...], ...] = (
@@ -90,6 +96,15 @@ class LTEEditor(EditorModule):
         top_k: Facts retrieved per query (the paper: 1).
         threshold: Minimum cosine similarity of a retrieved fact (``None``: no threshold, the
             paper; a query whose facts all fall below it is asked bare).
+        scope: Learn which retrieved edits apply to a query (an extension, not in the paper): at
+            the start of ``fit``, a :class:`~lit_edit.nn.scope.ScopeHead` is trained on pairs of
+            the datamodule's training edit records (:func:`~lit_edit.nn.scope.scope_pairs`) over
+            the retriever's embeddings, and saved with the checkpoint; at editing time it scores
+            each query's ``scope_candidates`` nearest edits and only those with an in-scope
+            probability of at least ``scope_threshold`` are put in the prompt.
+        scope_threshold: Least in-scope probability of a retrieved fact.
+        scope_candidates: Nearest edits (by cosine) the scope head scores per query.
+        scope_steps: Training steps of the scope head (batches of 256 pairs).
         template: ``"question"`` (the training wording, also LTE's retrieval evaluation) or
             ``"query"`` (the peer's single-edit evaluation wording, METHODS.md P12).
         use_chat_template: Wrap human turns with the tokenizer's chat template: ``None`` when it
@@ -117,6 +132,10 @@ class LTEEditor(EditorModule):
         retriever: str = DEFAULT_ENCODER,
         top_k: int = 1,
         threshold: float | None = None,
+        scope: bool = False,
+        scope_threshold: float = 0.5,
+        scope_candidates: int = 8,
+        scope_steps: int = 2000,
         template: TemplateName = "question",
         use_chat_template: bool | None = None,
         dtype: str = "float32",
@@ -130,6 +149,13 @@ class LTEEditor(EditorModule):
             raise ValueError(f"top_k must be >= 1, got {top_k}")
         if not 0.0 <= warmup_ratio < 1.0:
             raise ValueError(f"warmup_ratio must be in [0, 1), got {warmup_ratio}")
+        if not 0.0 <= scope_threshold <= 1.0:
+            raise ValueError(f"scope_threshold must be in [0, 1], got {scope_threshold}")
+        if scope_candidates < 1 or scope_steps < 1:
+            raise ValueError(
+                f"scope_candidates and scope_steps must be >= 1, got {scope_candidates}, "
+                f"{scope_steps}"
+            )
         self.finetune = finetune
         self.lr = lr
         self.weight_decay = weight_decay
@@ -153,6 +179,10 @@ class LTEEditor(EditorModule):
         self.retriever_name = retriever
         self.top_k = top_k
         self.threshold = threshold
+        self.scope_head = ScopeHead() if scope else None
+        self.scope_threshold = scope_threshold
+        self.scope_candidates = scope_candidates
+        self.scope_steps = scope_steps
         self._retriever: Retriever | None = None
 
     def _with_lora(
@@ -233,8 +263,60 @@ class LTEEditor(EditorModule):
         return loss, acc
 
     def on_fit_start(self) -> None:
-        """Put the backbone in training mode (it is loaded in eval mode) so dropout applies."""
+        """Train the scope head (when enabled and not loaded); put the backbone in train mode.
+
+        The backbone is loaded in eval mode; training mode makes dropout apply.
+        """
+        if self.scope_head is not None and not self.scope_head.trained:
+            state = random.getstate(), np.random.get_state()
+            with torch.random.fork_rng(devices=[]):  # the alignment's randomness stays as it was
+                self.fit_scope()
+            random.setstate(state[0])
+            np.random.set_state(state[1])
         self.model.train()
+
+    def fit_scope(self) -> None:
+        """Train :attr:`scope_head` on the datamodule's training edit records.
+
+        Pairs come from :func:`~lit_edit.nn.scope.scope_pairs`; the pair accuracy on the
+        validation records (in scope and out of scope apart) is logged. The global random state
+        is left as it was by :meth:`on_fit_start`, so enabling the scope does not change the
+        alignment.
+
+        Raises:
+            ValueError: without a datamodule offering training edit records.
+        """
+        data = self.trainer.datamodule if self._trainer is not None else None
+        records_of = getattr(data, "edit_records", None)
+        train = records_of("train") if records_of is not None else []
+        if not train:
+            raise ValueError(
+                "scope=True trains the scope head on edit records: use an LTEDataModule whose "
+                "`edits` has a train split"
+            )
+        encode = self.retriever.encoder.encode
+
+        def embed(pairs: list[ScopePair]) -> tuple[torch.Tensor, torch.Tensor]:
+            texts = list(dict.fromkeys(t for p in pairs for t in (p.edit, p.query)))
+            rows = torch.cat([encode(texts[i : i + 512]) for i in range(0, len(texts), 512)])
+            index = {t: i for i, t in enumerate(texts)}
+            edits = rows[[index[p.edit] for p in pairs]]  # [N, D]
+            return edits, rows[[index[p.query] for p in pairs]]
+
+        pairs = scope_pairs(train)
+        labels = torch.tensor([p.in_scope for p in pairs])
+        loss = self.scope_head.fit(*embed(pairs), labels, steps=self.scope_steps)
+        message = f"scope head: {len(pairs)} pairs from {len(train)} records, loss {loss:.4f}"
+        val = scope_pairs(records_of("val"))
+        if val:
+            prob = self.scope_head(*embed(val))  # [N]
+            truth = torch.tensor([p.in_scope for p in val])
+            hit = (prob >= self.scope_threshold) == truth
+            message += (
+                f"; validation ({len(val)} pairs): in scope {hit[truth].float().mean():.3f}, "
+                f"out of scope {hit[~truth].float().mean():.3f}"
+            )
+        log.info(message)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         """Answer-only SFT loss of an alignment batch."""
@@ -287,13 +369,40 @@ class LTEEditor(EditorModule):
         super().on_save_checkpoint(checkpoint)
         state.update(trained)
 
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Match the checkpoint's scope head to this editor's ``scope`` setting.
+
+        A head in the checkpoint is dropped (with a warning) when ``scope`` is off, so that the
+        same aligned model can be evaluated without it.
+
+        Raises:
+            ValueError: if ``scope`` is on and the checkpoint has no trained head.
+        """
+        super().on_load_checkpoint(checkpoint)
+        state = checkpoint["state_dict"]
+        key = "scope_head._extra_state"
+        if self.scope_head is None and key in state:
+            log.warning("the checkpoint's scope head is not used (scope=False)")
+            del state[key]
+        elif self.scope_head is not None and not (state.get(key) or {}).get("weights"):
+            raise ValueError(
+                "scope=True but the checkpoint has no trained scope head (aligned with "
+                "scope=False): evaluate with scope=False or align again with scope=True"
+            )
+
     # ------------------------------------------------------------------ editing
     @property
     def retriever(self) -> Retriever:
         """The retriever over :attr:`memory` (its encoder is loaded on first use)."""
         if self._retriever is None:
             self._retriever = Retriever(
-                load_encoder(self.retriever_name), self.memory, self.top_k, self.threshold
+                load_encoder(self.retriever_name),
+                self.memory,
+                self.top_k,
+                self.threshold,
+                scope=self.scope_head,
+                scope_threshold=self.scope_threshold,
+                candidates=self.scope_candidates,
             )
         return self._retriever
 

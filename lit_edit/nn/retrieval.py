@@ -17,7 +17,9 @@ Three parts, plain torch (no Lightning):
   :mod:`lit_edit.nn.lte_encoders`, re-exported here);
 * :class:`EditMemory` — the keys and values, an ``nn.Module`` whose content saves and loads with
   the module's ``state_dict`` (so with a Lightning checkpoint);
-* :class:`Retriever` — an encoder and a memory: insert edits, retrieve facts for queries.
+* :class:`Retriever` — an encoder and a memory: insert edits, retrieve facts for queries;
+  optionally a learned scope (:class:`~lit_edit.nn.scope.ScopeHead`) decides which of the
+  nearest edits apply to a query.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from lit_edit.nn.lte_encoders import (
     SentenceEncoder,
     load_encoder,
 )
+from lit_edit.nn.scope import ScopeHead
 
 __all__ = [
     "DEFAULT_ENCODER",
@@ -205,11 +208,13 @@ class Retrieved:
         index: Position of the edit in the memory.
         fact: The fact sentence.
         score: Cosine similarity between the query and the edit question.
+        in_scope: The scope head's probability that the edit applies (``None`` without one).
     """
 
     index: int
     fact: str
     score: float
+    in_scope: float | None = None
 
 
 class Retriever:
@@ -218,12 +223,19 @@ class Retriever:
     Query embeddings are cached (``cache_size`` most recent texts), so scoring, generating and
     measuring hit rates on the same prompts embeds each of them once.
 
+    With a ``scope`` head, each query's ``candidates`` nearest edits (by cosine) are scored by
+    the head; those with an in-scope probability of at least ``scope_threshold`` (and a cosine
+    of at least ``threshold``, if set) are returned, most probable first.
+
     Args:
         encoder: The sentence encoder (keys and queries).
         memory: The memory (a new one when ``None``).
         top_k: Facts retrieved per query (the paper's inference uses 1).
         threshold: Drop facts whose similarity is below this (``None``: keep all, the paper).
         cache_size: Query embeddings kept.
+        scope: A trained scope classifier (``None``: none, the paper).
+        scope_threshold: Least in-scope probability of a returned fact.
+        candidates: Nearest edits the scope head scores per query (at least ``top_k``).
     """
 
     def __init__(
@@ -233,14 +245,24 @@ class Retriever:
         top_k: int = 1,
         threshold: float | None = None,
         cache_size: int = 8192,
+        scope: ScopeHead | None = None,
+        scope_threshold: float = 0.5,
+        candidates: int = 8,
     ) -> None:
         if top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {top_k}")
+        if candidates < 1:
+            raise ValueError(f"candidates must be >= 1, got {candidates}")
+        if not 0.0 <= scope_threshold <= 1.0:
+            raise ValueError(f"scope_threshold must be in [0, 1], got {scope_threshold}")
         self.encoder = encoder
         self.memory = memory if memory is not None else EditMemory()
         self.top_k = top_k
         self.threshold = threshold
         self.cache_size = cache_size
+        self.scope = scope
+        self.scope_threshold = scope_threshold
+        self.candidates = candidates
         self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
 
     def embed(self, texts: Sequence[str]) -> torch.Tensor:
@@ -280,18 +302,30 @@ class Retriever:
 
         Returns:
             Per query, up to ``k`` retrieved edits (none when the memory is empty, or below the
-            threshold).
+            thresholds).
         """
         if not queries:
             return []
         if len(self.memory) == 0:
             return [[] for _ in queries]
-        scores, indices = self.memory.search(self.embed(queries), k or self.top_k)
+        k = k or self.top_k
+        embedded = self.embed(queries)  # [Q, D]
+        if self.scope is None:
+            scores, indices = self.memory.search(embedded, k)
+            probs = [[None] * scores.shape[1]] * scores.shape[0]
+        else:
+            scores, indices = self.memory.search(embedded, max(k, self.candidates))  # [Q, C]
+            keys = self.memory.keys[indices]  # [Q, C, D]
+            probs = self.scope(keys, embedded[:, None, :].expand_as(keys)).tolist()  # [Q, C]
         out = []
-        for row_s, row_i in zip(scores.tolist(), indices.tolist(), strict=True):
-            out.append([
-                Retrieved(i, self.memory.facts[i], s)
-                for s, i in zip(row_s, row_i, strict=True)
-                if self.threshold is None or s >= self.threshold
-            ])
+        for row_s, row_i, row_p in zip(scores.tolist(), indices.tolist(), probs, strict=True):
+            found = [
+                Retrieved(i, self.memory.facts[i], s, p)
+                for s, i, p in zip(row_s, row_i, row_p, strict=True)
+                if (self.threshold is None or s >= self.threshold)
+                and (p is None or p >= self.scope_threshold)
+            ]
+            if self.scope is not None:
+                found.sort(key=lambda r: -r.in_scope)  # stable: ties keep the cosine order
+            out.append(found[:k])
         return out

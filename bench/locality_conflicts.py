@@ -1,0 +1,58 @@
+"""How many locality questions another edit of the same group changes (TinyFacts).
+
+    python bench/locality_conflicts.py [--n 1000] [--sizes 1 10 100 1000]
+
+Batch and sequential protocols put many edits in the model at once. A record's locality
+question ("X lives in", when the record edits "X was born in") may ask about a fact that another
+edit in the model changed: its answer *should* change, yet the locality metric (agreement with
+the unedited model) counts that as damage. For the first ``--n`` TinyFacts test records cut into
+groups of each size (as ``SingleEdit``, ``BatchEdit`` and ``SequentialEdit`` with that group size
+cut them), this prints the share of locality questions, per locality group, whose subject is the
+subject of another record of the group with that question's answer as its true object (the same
+fact, edited).
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections import Counter
+
+
+def main() -> None:
+    """Print the share of conflicting locality questions per group size."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--n", type=int, default=1000, help="test records")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1, 10, 100, 1000],
+                        help="edits in the model at once")
+    parser.add_argument("--world", default="tinyfacts", help="TinyFacts model whose world to use")
+    args = parser.parse_args()
+
+    from lit_edit.data import TinyFactsDataModule
+
+    data = TinyFactsDataModule(world=args.world, n_test=args.n)
+    data.setup("test")
+    records = data.records["test"]
+    print(f"locality questions another edit of the group changed ({len(records)} test records)")
+    for size in args.sizes:
+        total: Counter[str] = Counter()
+        changed: Counter[str] = Counter()
+        for start in range(0, len(records), size):
+            group = records[start : start + size]
+            edited = {(r.subject, r.ground_truth[0]) for r in group if r.subject}
+            for record in group:
+                others = edited - {(record.subject, record.ground_truth[0])}
+                for name, pairs in record.locality.items():
+                    for pair in pairs:
+                        total[name] += 1
+                        changed[name] += any(
+                            s in pair.prompt and pair.answer == o for s, o in others
+                        )
+        cells = "  ".join(
+            f"{name} {changed[name]}/{total[name]} ({100 * changed[name] / total[name]:.1f} %)"
+            for name in sorted(total)
+        )
+        print(f"  {size:>5} at once: {cells}")
+
+
+if __name__ == "__main__":
+    main()
