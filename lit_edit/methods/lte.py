@@ -297,6 +297,7 @@ class LTEEditor(EditorModule):
         encode = self.retriever.encoder.encode
 
         def embed(pairs: list[ScopePair]) -> tuple[torch.Tensor, torch.Tensor]:
+            """``[N, D]`` embeddings of the pairs' edit questions and queries (each text once)."""
             texts = list(dict.fromkeys(t for p in pairs for t in (p.edit, p.query)))
             rows = torch.cat([encode(texts[i : i + 512]) for i in range(0, len(texts), 512)])
             index = {t: i for i, t in enumerate(texts)}
