@@ -78,9 +78,19 @@ def test_memory_is_in_the_state_dict_and_edits_restore(editor):
         assert values == [{"retrieval/hit@1": 1.0, "retrieval/hit@k": 1.0}] * 2
     assert len(editor.memory) == 0
     assert editor.contextualise(["Who employs Bob?"]) == ["Who employs Bob?"]  # bare pre-edit
+
     other = LTEEditor(backbone=BACKBONE, retriever="hashing")
     other.load_state_dict({**other.state_dict(), **state})
     assert other.memory.facts == [r.fact for r in records]
+
+
+def test_int8_keys_retrieve_the_same_facts(editor):
+    int8 = LTEEditor(backbone=BACKBONE, retriever="hashing", key_dtype="int8")
+    records = [EditRecord(f"Where was Person{i} born?", f"Town{i}") for i in range(20)]
+    queries = [f"Where was Person{i} born?" for i in range(20)] + ["Who employs Bob?"]
+    with editor.edit(records), int8.edit(records):
+        assert int8.memory.keys.dtype == torch.float32 and int8.memory._keys.dtype == torch.int8
+        assert int8.contextualise(queries) == editor.contextualise(queries)
 
 
 def _tiny_args(tmp_path, *extra):

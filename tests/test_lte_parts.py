@@ -208,12 +208,13 @@ def test_builder_output_round_trips_through_the_fastchat_reader(tmp_path):
     assert [(p.prompt, p.answer) for p in pairs] == [(s.human, s.answer) for s in samples]
 
 
-def test_memory_save_load_round_trip():
-    memory = EditMemory()
+@pytest.mark.parametrize("key_dtype", ["float16", "int8"])
+def test_memory_save_load_round_trip(key_dtype):
+    memory = EditMemory(key_dtype)
     keys = torch.randn(5, 16)
     memory.add(keys, [f"q{i}" for i in range(5)], [f"fact {i}" for i in range(5)])
     state = memory.state_dict()
-    loaded = EditMemory()
+    loaded = EditMemory(key_dtype)
     loaded.load_state_dict(state)
     assert len(loaded) == 5 and loaded.facts == memory.facts
     assert loaded.questions == memory.questions
@@ -225,15 +226,16 @@ def test_memory_save_load_round_trip():
     buffer = __import__("io").BytesIO()
     torch.save({"state_dict": state}, buffer)
     buffer.seek(0)
-    again = EditMemory()
+    again = EditMemory(key_dtype)
     again.load_state_dict(torch.load(buffer, weights_only=False)["state_dict"])
-    assert again.facts == memory.facts
+    assert again.facts == memory.facts and torch.equal(again.keys, memory.keys)
 
 
-def test_memory_search_is_exact_cosine_top_k_and_truncates():
+@pytest.mark.parametrize(("key_dtype", "atol"), [("float16", 2e-3), ("int8", 4e-3)])
+def test_memory_search_is_exact_cosine_top_k_and_truncates(key_dtype, atol):
     torch.manual_seed(0)
     keys = torch.randn(300, 32)
-    memory = EditMemory()
+    memory = EditMemory(key_dtype)
     for i in range(0, 300, 100):  # inserted in chunks: growth keeps the content
         memory.add(keys[i : i + 100], ["q"] * 100, [str(j) for j in range(i, i + 100)])
     queries = torch.randn(4, 32)
@@ -242,7 +244,10 @@ def test_memory_search_is_exact_cosine_top_k_and_truncates():
         keys, dim=-1
     ).T
     assert torch.equal(idx, exact.topk(3).indices)
-    assert torch.allclose(scores, exact.topk(3).values, atol=2e-3)
+    assert torch.allclose(scores, exact.topk(3).values, atol=atol)
+    unit = torch.nn.functional.normalize(keys, dim=-1)
+    assert torch.allclose(memory.keys.float(), unit, atol=atol)  # stored keys, rounded
+    assert torch.equal(memory.rows(idx), memory.keys[idx].float())  # [4, 3, D]
     single_scores, single_idx = memory.search(queries[:1], 3)
     assert torch.equal(single_idx, idx[:1])
     memory.truncate(10)

@@ -94,6 +94,9 @@ class LTEEditor(EditorModule):
             default), the paper's ``"sentence-transformers/multi-qa-mpnet-base-dot-v1"``, a local
             path, or ``"hashing"`` (lexical, model-free).
         top_k: Facts retrieved per query (the paper: 1).
+        key_dtype: Storage dtype of the memory's keys (see
+            :class:`~lit_edit.nn.retrieval.EditMemory`): ``"float16"``, or ``"int8"`` for the
+            fastest scan of a large memory on a CPU.
         threshold: Minimum cosine similarity of a retrieved fact (``None``: no threshold, the
             paper; a query whose facts all fall below it is asked bare).
         scope: Learn which retrieved edits apply to a query (an extension, not in the paper): at
@@ -131,6 +134,7 @@ class LTEEditor(EditorModule):
         dropout: float | None = None,
         retriever: str = DEFAULT_ENCODER,
         top_k: int = 1,
+        key_dtype: str = "float16",
         threshold: float | None = None,
         scope: bool = False,
         scope_threshold: float = 0.5,
@@ -175,7 +179,7 @@ class LTEEditor(EditorModule):
             self.model = self._with_lora(
                 lora_rank, lora_alpha, lora_dropout, lora_target_modules, lora_modules_to_save
             )
-        self.memory = EditMemory()
+        self.memory = EditMemory(key_dtype)
         self.retriever_name = retriever
         self.top_k = top_k
         self.threshold = threshold

@@ -59,21 +59,25 @@ class EditMemory(nn.Module):
     """Keys (normalised question embeddings) and values (fact sentences) of the inserted edits.
 
     Keys are stored in ``key_dtype`` (float16 by default: half the memory traffic of a scan, the
-    cost of a single query on a CPU) in a buffer that grows by doubling, so inserting is amortised
-    ``O(D)``. A search scores every key (a few queries: matrix-vector products in ``key_dtype``;
-    more: float32 matrix products over chunks of keys), keeps the best ``k + rerank`` candidates
-    and re-scores those in float32, so the returned order and scores are float32-exact up to the
-    keys' rounding. The content is the module's *extra state*: it is part of ``state_dict()`` and
-    of Lightning checkpoints, whatever its size.
+    cost of a single query on a CPU; ``"int8"``: a quarter, each key scaled by its largest
+    absolute value / 127) in a buffer that grows by doubling, so inserting is amortised ``O(D)``.
+    A search scores every key (a few queries: matrix-vector products in ``key_dtype``, int8 keys
+    through torch's int8-weight matrix product with a bfloat16 query; more: float32 matrix
+    products over chunks of keys), keeps the best ``k + rerank`` candidates and re-scores those
+    in float32, so the returned order and scores are float32-exact up to the keys' rounding. The
+    content is the module's *extra state*: it is part of ``state_dict()`` and of Lightning
+    checkpoints, whatever its size.
 
     Args:
-        key_dtype: Storage dtype of the keys: ``"float16"``, ``"bfloat16"`` or ``"float32"``.
+        key_dtype: Storage dtype of the keys: ``"float16"``, ``"bfloat16"``, ``"float32"`` or
+            ``"int8"``.
         rerank: Extra candidates re-scored in float32 after the first pass.
     """
 
     def __init__(self, key_dtype: str = "float16", rerank: int = 16) -> None:
         super().__init__()
-        dtypes = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+        dtypes = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32,
+                  "int8": torch.int8}
         if key_dtype not in dtypes:
             raise ValueError(f"key_dtype must be one of {sorted(dtypes)}, got {key_dtype!r}")
         if rerank < 0:
@@ -82,6 +86,7 @@ class EditMemory(nn.Module):
         self.rerank = rerank
         self._dtype = dtypes[key_dtype]
         self._keys = torch.zeros(0, 0, dtype=self._dtype)  # [capacity, D]
+        self._scales = torch.ones(0)  # [capacity] per-key scale (int8 keys; ones otherwise)
         self._size = 0
         self.questions: list[str] = []
         self.facts: list[str] = []
@@ -96,8 +101,15 @@ class EditMemory(nn.Module):
 
     @property
     def keys(self) -> torch.Tensor:
-        """``[N, D]`` the stored (normalised) keys."""
+        """``[N, D]`` the stored (normalised) keys; float32 for int8 storage (dequantised)."""
+        if self._dtype == torch.int8:
+            return self._keys[: self._size].float() * self._scales[: self._size, None]
         return self._keys[: self._size]
+
+    def rows(self, index: torch.Tensor) -> torch.Tensor:
+        """``[..., D]`` float32 keys at the positions ``index`` (a tensor of any shape)."""
+        rows = self._keys[index].float()
+        return rows * self._scales[index][..., None] if self._dtype == torch.int8 else rows
 
     def add(self, keys: torch.Tensor, questions: Sequence[str], facts: Sequence[str]) -> None:
         """Append edits.
@@ -122,12 +134,17 @@ class EditMemory(nn.Module):
         if needed > self._keys.shape[0] or self._keys.shape[1] != d:
             capacity = max(needed, 2 * self._keys.shape[0], 64)
             grown = torch.zeros(capacity, d, dtype=self._dtype)
+            scales = torch.ones(capacity)
             if self._size:
                 grown[: self._size] = self._keys[: self._size]
-            self._keys = grown
-        self._keys[self._size : needed] = F.normalize(keys.detach().float().cpu(), dim=-1).to(
-            self._dtype
-        )
+                scales[: self._size] = self._scales[: self._size]
+            self._keys, self._scales = grown, scales
+        unit = F.normalize(keys.detach().float().cpu(), dim=-1)  # [N, D]
+        if self._dtype == torch.int8:
+            scale = unit.abs().amax(dim=-1).clamp_min(1e-12) / 127  # [N]
+            self._scales[self._size : needed] = scale
+            unit = torch.round(unit / scale[:, None])
+        self._keys[self._size : needed] = unit.to(self._dtype)
         self._size = needed
         self.questions.extend(questions)
         self.facts.extend(facts)
@@ -162,7 +179,11 @@ class EditMemory(nn.Module):
             empty = torch.zeros(q.shape[0], 0)
             return empty, empty.long()
         keys = self._keys[:n]  # [N, D]
-        if q.shape[0] <= 4 or self._dtype == torch.float32:  # memory-bound: scan in key dtype
+        if self._dtype == torch.int8:  # int8 keys, bfloat16 queries, per-key scales
+            first = torch._weight_int8pack_mm(
+                q.bfloat16(), keys, self._scales[:n].bfloat16()
+            )  # [Q, N]
+        elif q.shape[0] <= 4 or self._dtype == torch.float32:  # memory-bound: scan in key dtype
             qk = q.to(self._dtype)
             first = torch.stack([torch.mv(keys, row) for row in qk]) if q.shape[0] <= 4 else (
                 qk @ keys.T
@@ -173,27 +194,38 @@ class EditMemory(nn.Module):
             )  # [Q, N]
         c = min(n, k + self.rerank)
         cand = first.float().topk(c, dim=-1).indices  # [Q, c]
-        exact = torch.einsum("qd,qcd->qc", q, keys[cand].float())  # [Q, c]
+        exact = torch.einsum("qd,qcd->qc", q, self.rows(cand))  # [Q, c]
         kk = min(k, n)
         scores, order = exact.topk(kk, dim=-1)  # [Q, k]
         return scores, cand.gather(-1, order)
 
     def get_extra_state(self) -> dict[str, Any]:
-        """The content, saved in ``state_dict()`` (keys as float32, questions, facts)."""
-        return {
+        """The content, saved in ``state_dict()``: keys as float32, questions, facts.
+
+        int8 keys are also saved as stored, with their scales, so that they load bit-identically.
+        """
+        state = {
             "keys": self.keys.float().clone(),
             "questions": list(self.questions),
             "facts": list(self.facts),
         }
+        if self._dtype == torch.int8:
+            state["int8_keys"] = self._keys[: self._size].clone()
+            state["int8_scales"] = self._scales[: self._size].clone()
+        return state
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
         """Restore the content written by :meth:`get_extra_state`."""
         self._keys = torch.zeros(0, 0, dtype=self._dtype)
+        self._scales = torch.ones(0)
         self._size = 0
         self.questions, self.facts = [], []
-        keys = state["keys"]
-        if len(state["facts"]):
-            self.add(keys, state["questions"], state["facts"])
+        if not len(state["facts"]):
+            return
+        self.add(state["keys"], state["questions"], state["facts"])
+        if self._dtype == torch.int8 and "int8_keys" in state:
+            self._keys[: self._size] = state["int8_keys"]
+            self._scales[: self._size] = state["int8_scales"]
 
     def extra_repr(self) -> str:
         """Size, dimension and key dtype (shown in the module's repr)."""
@@ -315,7 +347,7 @@ class Retriever:
             probs = [[None] * scores.shape[1]] * scores.shape[0]
         else:
             scores, indices = self.memory.search(embedded, max(k, self.candidates))  # [Q, C]
-            keys = self.memory.keys[indices]  # [Q, C, D]
+            keys = self.memory.rows(indices)  # [Q, C, D]
             probs = self.scope(keys, embedded[:, None, :].expand_as(keys)).tolist()  # [Q, C]
         out = []
         for row_s, row_i, row_p in zip(scores.tolist(), indices.tolist(), probs, strict=True):
