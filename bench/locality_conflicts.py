@@ -7,9 +7,10 @@ question ("X lives in", when the record edits "X was born in") may ask about a f
 edit in the model changed: its answer *should* change, yet the locality metric (agreement with
 the unedited model) counts that as damage. For the first ``--n`` TinyFacts test records cut into
 groups of each size (as ``SingleEdit``, ``BatchEdit`` and ``SequentialEdit`` with that group size
-cut them), this prints the share of locality questions, per locality group, whose subject is the
-subject of another record of the group with that question's answer as its true object (the same
-fact, edited).
+cut them), this prints the share of locality questions, per locality group, that ask about the
+fact another record of the group edits (:mod:`lit_edit.conflicts`: its question, or its subject
+named with its old object as the answer), all edits of the group in effect. ``evaluate.py
+--evaluation.locality_conflicts exclude`` leaves exactly these out of locality.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ def main() -> None:
     parser.add_argument("--world", default="tinyfacts", help="TinyFacts model whose world to use")
     args = parser.parse_args()
 
+    from lit_edit.conflicts import first_conflicts
     from lit_edit.data import TinyFactsDataModule
 
     data = TinyFactsDataModule(world=args.world, n_test=args.n)
@@ -37,16 +39,10 @@ def main() -> None:
         total: Counter[str] = Counter()
         changed: Counter[str] = Counter()
         for start in range(0, len(records), size):
-            group = records[start : start + size]
-            edited = {(r.subject, r.ground_truth[0]) for r in group if r.subject}
-            for record in group:
-                others = edited - {(record.subject, record.ground_truth[0])}
-                for name, pairs in record.locality.items():
-                    for pair in pairs:
-                        total[name] += 1
-                        changed[name] += any(
-                            s in pair.prompt and pair.answer == o for s, o in others
-                        )
+            for groups in first_conflicts(records[start : start + size]):
+                for name, firsts in groups.items():
+                    total[name] += len(firsts)
+                    changed[name] += sum(j is not None for j in firsts)
         cells = "  ".join(
             f"{name} {changed[name]}/{total[name]} ({100 * changed[name] / total[name]:.1f} %)"
             for name in sorted(total)

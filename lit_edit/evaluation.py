@@ -46,6 +46,10 @@ class Evaluation:
             the groups' means, EasyEdit's KnowEdit tables) or ``"pairs"`` (mean over pairs).
         verify_restore: Keep a copy of the editor's weights and check after every group that
             restoring left every tensor bit-identical (fails loudly otherwise).
+        locality_conflicts: ``"keep"`` (every locality pair is scored, EasyEdit's way) or
+            ``"exclude"``: leave out of a record's locality the pairs that ask about a fact
+            another edit in effect changed (:mod:`lit_edit.conflicts`), whose answer should
+            change; each row counts them (``locality_excluded``), ``summary.json`` sums them.
         results_dir: Folder for the results (default: ``<log_dir>/results``).
         seed: Seed of the fluency sampling.
     """
@@ -63,9 +67,14 @@ class Evaluation:
         perplexity: bool = False,
         aggregation: Literal["keys", "pairs"] = "keys",
         verify_restore: bool = False,
+        locality_conflicts: Literal["keep", "exclude"] = "keep",
         results_dir: str | None = None,
         seed: int = 0,
     ) -> None:
+        if locality_conflicts not in ("keep", "exclude"):
+            raise ValueError(
+                f"locality_conflicts must be 'keep' or 'exclude', got {locality_conflicts!r}"
+            )
         self.protocol = protocol if protocol is not None else SingleEdit()
         self.batch_size = batch_size
         self.padding_side = padding_side
@@ -77,6 +86,7 @@ class Evaluation:
         self.perplexity = perplexity
         self.aggregation = aggregation
         self.verify_restore = verify_restore
+        self.locality_conflicts = locality_conflicts
         self.results_dir = results_dir
         self.seed = seed
         self._scorer = Scorer(batch_size, padding_side, max_length)
@@ -250,13 +260,12 @@ class RecordEvaluator:
             "reliability": record_token_accuracy([post.edit], agg),
             "generalization": record_token_accuracy(post.rephrase, agg),
             "portability": record_token_accuracy(post.portability, agg),
-            "locality": None if is_pre else record_agreement(pre.locality, post.locality, agg),
+            "locality": None,
         }
         for key, group in post.portability.items():
             out[f"portability/{key}"] = record_token_accuracy(group, agg)
         if not is_pre:
-            for key, group in post.locality.items():
-                out[f"locality/{key}"] = record_agreement(pre.locality[key], group, agg)
+            out.update(self.locality_values(pre, post))
         for kind, answers in post.answers.items():
             out[f"{kind}_em"] = record_exact_match(answers, agg)
         if post.fluency_text is not None:
@@ -270,4 +279,12 @@ class RecordEvaluator:
                 out[f"{short}S"] = sum(v[0] for v in values) / len(values) if values else None
                 out[f"{short}M"] = sum(v[1] for v in values) / len(values) if values else None
         out.update(post.extra)
+        return out
+
+    def locality_values(self, pre: RecordMeasure, post: RecordMeasure) -> dict[str, float | None]:
+        """A record's ``locality`` and ``locality/<key>`` agreements of post with pre scores."""
+        agg = self.settings.aggregation
+        out = {"locality": record_agreement(pre.locality, post.locality, agg)}
+        for key, group in post.locality.items():
+            out[f"locality/{key}"] = record_agreement(pre.locality[key], group, agg)
         return out

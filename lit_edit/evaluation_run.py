@@ -6,6 +6,7 @@ results for the results writer.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -13,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torchmetrics import Metric
 
+from lit_edit.conflicts import first_conflicts
 from lit_edit.editing import ParameterSnapshot
 from lit_edit.evaluation import Evaluation, RecordEvaluator, RecordMeasure
 from lit_edit.metrics import (
@@ -167,6 +169,8 @@ class EvaluationRun:
                 )
         self._group += 1
         self.n_edited += len(records)
+        if self.settings.locality_conflicts == "exclude":
+            self._exclude_conflicts(records, results)
         pre = [r.pre_measure for r in results]
         post = [r.post_measure for r in results]
         for _, update in self._entries.values():
@@ -181,6 +185,40 @@ class EvaluationRun:
             if values:
                 means[key] = sum(values) / len(values)
         return means
+
+    def _exclude_conflicts(self, records: list[EditRecord], results: list[RecordResult]) -> None:
+        """Drop the locality pairs another edit in effect changed; recompute the locality values.
+
+        ``results`` are in the order of ``records``. A record scored with more than one edit
+        in effect has the first ``edits_applied`` edits of its group in effect (every protocol
+        applies them in order: all of a batch, the first ``i + 1`` in sequential editing scored
+        after each edit); a single edit has only its own. The record loses the pairs whose first
+        conflicting record (:func:`~lit_edit.conflicts.first_conflicts`) is among them;
+        ``post["locality_excluded"]`` counts them.
+        """
+        firsts = first_conflicts(records)
+        for r, first in zip(results, firsts, strict=True):
+            assert r.pre_measure is not None and r.post_measure is not None
+            keep = {
+                key: [j is None or r.edits_applied == 1 or j >= r.edits_applied for j in js]
+                for key, js in first.items()
+            }
+            excluded = sum(not ok for oks in keep.values() for ok in oks)
+            r.post["locality_excluded"] = float(excluded)
+            if not excluded:
+                continue
+            pre_m, post_m = r.pre_measure, r.post_measure
+            r.pre_measure = dataclasses.replace(pre_m, locality={
+                key: [s for s, ok in zip(pre_m.locality[key], oks, strict=True) if ok]
+                for key, oks in keep.items()
+            })
+            r.post_measure = dataclasses.replace(post_m, locality={
+                key: [s for s, ok in zip(post_m.locality[key], oks, strict=True) if ok]
+                for key, oks in keep.items()
+            })
+            for key in [k for k in r.post if k == "locality" or k.startswith("locality/")]:
+                del r.post[key]
+            r.post.update(self.evaluator.locality_values(r.pre_measure, r.post_measure))
 
     def rows(self) -> list[dict[str, Any]]:
         """This process's per-record rows (``records.jsonl`` lines)."""
@@ -216,11 +254,15 @@ class EvaluationRun:
             for key, value in row["post"].items():
                 if "/" in key and value is not None:
                     breakdown.setdefault(key, []).append(value)
-        counts = {
+        counts: dict[str, Any] = {
             name: {"records": int(m.n_records), "empty": int(m.n_empty)}
             for name, m in self.metrics.items()
             if hasattr(m, "n_empty") and not name.startswith("pre_")
         }
+        if self.settings.locality_conflicts == "exclude":
+            counts["locality"]["pairs_excluded"] = int(
+                sum(row["post"].get("locality_excluded") or 0 for row in rows)
+            )
         return {
             **post,
             "pre": pre,
