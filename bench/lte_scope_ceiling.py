@@ -19,7 +19,11 @@ deciding which questions get the edit's fact in the prompt:
 
 It also measures whether the model itself could link an alias to its subject: the greedy
 continuation of ``"<subject> is also known as"`` compared with the alias, for the base and the
-aligned model (the world pretrains every such statement).
+aligned model (the world pretrains every such statement); and, for a checkpoint with a learned
+scope, which questions its head puts in the scope of an edit: the edited subject's alias
+questions, and as controls the alias questions of *another* subject with the same relation
+(same shape, other entity: accepting them would mean the head learned the shape of alias
+questions, not the entity), the neighbourhood and the other-relation locality questions.
 """
 
 from __future__ import annotations
@@ -170,6 +174,50 @@ def alias_recall(ckpt: str | None, n: int) -> tuple[int, int]:
     return correct, len(subjects)
 
 
+def scope_acceptance(ckpt: str, n: int) -> dict[str, tuple[float, int]]:
+    """Share of (edit question, question) pairs the checkpoint's scope head puts in scope.
+
+    Args:
+        ckpt: An LTE checkpoint with a trained scope head.
+        n: Held-out records (those with alias questions are used).
+
+    Returns:
+        Per question kind, ``(accepted share, pairs)``.
+    """
+    import random
+
+    from lit_edit.data import TinyFactsDataModule
+    from lit_edit.methods import LTEEditor
+
+    editor = LTEEditor.load_from_checkpoint(ckpt, map_location="cpu")
+    editor.eval()
+    data = TinyFactsDataModule(world="tinyfacts", n_test=n)
+    data.setup("test")
+    records = [r for r in data.records["test"] if "subject_aliasing" in r.portability]
+    rng = random.Random(0)
+    kinds: dict[str, list[tuple[str, str]]] = {}
+    for r in records:
+        same_relation = [o for o in records if o.meta["relation"] == r.meta["relation"]]
+        other = rng.choice([o for o in same_relation if o.subject != r.subject])
+        for kind, pairs in (
+            ("own alias", r.portability["subject_aliasing"]),
+            ("other subject's alias, same relation", other.portability["subject_aliasing"]),
+            ("neighbourhood (locality)", r.locality.get("neighborhood", ())),
+            ("other relation (locality)", r.locality.get("other_relation", ())),
+        ):
+            kinds.setdefault(kind, []).extend((r.prompt, p.prompt) for p in pairs)
+    out = {}
+    for kind, pairs in kinds.items():
+        edits, queries = [e for e, _ in pairs], [q for _, q in pairs]
+        states = None
+        if editor.scope_layer is not None:
+            states = (editor.question_states(edits), editor.question_states(queries))
+        prob = editor.scope_head(editor.retriever.embed(edits), editor.retriever.embed(queries),
+                                 states)
+        out[kind] = (float((prob >= editor.scope_threshold).float().mean()), len(pairs))
+    return out
+
+
 def main() -> None:
     """Print the portability and locality under each scope rule, and the models' alias recall."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -197,6 +245,10 @@ def main() -> None:
         print(f"  {name:<16}{cells}")
     for name, (correct, asked) in alias.items():
         print(f"alias recall, {name}: {correct}/{asked} = {100 * correct / asked:.1f} %")
+    if rows["learned scope"]["hyper_parameters"].get("scope"):
+        print("questions the scope head puts in the scope of an edit (same records)")
+        for kind, (share, pairs) in scope_acceptance(args.ckpt, args.n).items():
+            print(f"  {kind:<40} {100 * share:5.1f} %  ({pairs} pairs)")
 
 
 if __name__ == "__main__":

@@ -182,7 +182,9 @@ def test_fit_trains_the_scope_head_without_changing_the_alignment(tmp_path, capl
     on, off = with_scope.model.model.state_dict(), without.model.model.state_dict()
     assert on.keys() == off.keys() and all(torch.equal(on[k], off[k]) for k in on)
     saved = torch.load(tmp_path / "on" / "lte.ckpt", weights_only=True, map_location="cpu")
-    assert saved["state_dict"]["scope_head._extra_state"]["weights"]["w1"].shape[1] == 2 * 256 + 1
+    hidden = with_scope.model.model.config.hidden_size  # the config's scope_layer states
+    n_features = saved["state_dict"]["scope_head._extra_state"]["weights"]["w1"].shape[1]
+    assert n_features == (2 * 256 + 1) + (2 * hidden + 1)  # hashing embeddings, then states
 
     common = ["--evaluation.exact_match", "false", "--data.init_args.edits.init_args.n_test", "6"]
     cli = evaluate_main([*_tiny_args(tmp_path / "eval"), *common,

@@ -53,6 +53,19 @@ def test_scope_pairs_keep_questions_naming_the_subject_and_draw_seeded_negatives
     assert in_scope_questions(bare) == ["Q?", "Other Q?"]
 
 
+def test_neighbours_add_all_their_in_scope_questions_as_negatives_and_all_positives_option():
+    records = [_record("Ann Lee", "Nana"), _record("Bob Ray", "Bobo"), _record("Cy Oz", "Cee")]
+    assert in_scope_questions(records[0], named_only=False)[-1] == "Nana was born in"
+    pairs = scope_pairs(records, random_negatives=0, named_only=False, neighbours=[[2], [], []])
+    first = [p for p in pairs if p.edit == records[0].prompt]
+    assert [p.query for p in first if p.in_scope] == in_scope_questions(records[0], False)
+    hard = [p.query for p in first if not p.in_scope][2:]  # after the two locality questions
+    assert hard == in_scope_questions(records[2], False)  # Cy Oz's, his alias question included
+    assert len(pairs) == 3 * (4 + 2) + 4
+    with pytest.raises(ValueError, match="among its own neighbours"):
+        scope_pairs(records, neighbours=[[0], [], []])
+
+
 def test_features_by_hand():
     e, q = torch.tensor([2.0, 0.0]), torch.tensor([0.6, 0.8])
     assert torch.allclose(ScopeHead.features(e, q), torch.tensor([0.6, 0.0, 0.4, 0.8, 0.6]))
@@ -87,10 +100,30 @@ def test_head_fit_learns_is_seeded_and_leaves_the_global_rng_alone():
     again = ScopeHead(hidden=32)
     again.fit(edits, queries, labels, steps=300, seed=1)
     assert all(torch.equal(again.weights[k], w) for k, w in head.weights.items())
-    with pytest.raises(ValueError, match="trained on 16-dimensional embeddings, got 8"):
+    with pytest.raises(ValueError, match="trained on 33 pair features, these inputs give 17"):
         head(torch.ones(8), torch.ones(8))
     with pytest.raises(ValueError, match="no scope pairs"):
         ScopeHead().fit(torch.zeros(0, 4), torch.zeros(0, 4), torch.zeros(0, dtype=torch.bool))
+
+
+def test_a_second_view_adds_its_features_and_is_required_once_trained():
+    e, q = torch.tensor([2.0, 0.0]), torch.tensor([0.6, 0.8])
+    both = ScopeHead.features(e, q, (torch.tensor([1.0, 0.0, 0.0]), torch.tensor([0.0, 1.0, 0.0])))
+    assert torch.allclose(both[:5], ScopeHead.features(e, q))
+    assert torch.allclose(both[5:], torch.tensor([0.0, 0.0, 0.0, 1.0, 1.0, 0.0, 0.0]))
+    # labels only the second view can tell: the first view is the same for every pair
+    gen = torch.Generator().manual_seed(0)
+    n = 256
+    states = torch.randn(n, 8, generator=gen)
+    labels = torch.arange(n) % 2 == 0
+    other = torch.randn(n, 8, generator=gen)
+    query_states = torch.where(labels[:, None], states + 0.2 * other, other)
+    same = torch.ones(n, 4)
+    head = ScopeHead(hidden=16)
+    head.fit(same, same, labels, states=(states, query_states), steps=300)
+    assert ((head(same, same, (states, query_states)) >= 0.5) == labels).float().mean() > 0.95
+    with pytest.raises(ValueError, match="no state"):
+        head(same, same)
 
 
 def test_head_round_trips_through_the_state_dict():
@@ -138,3 +171,35 @@ def test_retrieval_keeps_only_the_edits_the_head_puts_in_scope():
     assert [len(h) for h in both.retrieve([questions[0], "Who employs Ann?"])] == [1, 0]
     with pytest.raises(ValueError, match="scope_threshold"):
         Retriever(encoder, scope=ScopeHead(), scope_threshold=1.5)
+
+
+def test_states_bring_in_candidates_the_sentence_encoder_misses():
+    encoder = HashingEncoder(dim=64)
+    questions = ["Where was Ann Lee born?", "Where was Bob Ray born?"]
+    # the "model" knows that Bob Rayna (lexically nearer Bob Ray) is Ann Lee: the same state
+    alias = "Where was Bob Rayna born?"
+    known = {questions[0]: 0, alias: 0, questions[1]: 1}
+    calls = []
+
+    def states(texts):
+        calls.append(list(texts))
+        return torch.eye(4)[[known.get(t, 2 + len(t) % 2) for t in texts]]
+
+    head = ScopeHead(hidden=1)  # in scope when the states' cosine is >= 0.9
+    n_in = 2 * 64 + 1 + 2 * 4 + 1
+    w1 = torch.zeros(1, n_in)
+    w1[0, -1] = 10.0
+    gelu_at = 9.0 * 0.5 * (1 + math.erf(9.0 / math.sqrt(2)))
+    head.weights = {"w1": w1, "b1": torch.zeros(1), "w2": torch.ones(1, 1),
+                    "b2": torch.tensor([-gelu_at])}
+    retriever = Retriever(encoder, top_k=1, scope=head, candidates=1, states=states)
+    retriever.insert(questions, [q + " X" for q in questions])
+    found = retriever.retrieve([alias, questions[1], "Who is Zed?"])
+    assert [[r.fact for r in hits] for hits in found] == [
+        ["Where was Ann Lee born? X"], ["Where was Bob Ray born? X"], []
+    ]
+    assert calls[1] == questions  # the memory's questions, once; then kept
+    retriever.retrieve([alias])
+    assert questions not in calls[2:]
+    retriever.memory.truncate(1)  # a change of the memory is noticed
+    assert retriever.retrieve(["Where was Bob Ray born?"]) == [[]]

@@ -6,10 +6,12 @@ import logging
 import math
 import random
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from lit_edit.data.collate import IGNORE_INDEX, PairCollator
@@ -22,9 +24,23 @@ from lit_edit.nn.scope import ScopeHead, ScopePair, scope_pairs
 from lit_edit.records import EditRecord, QAPair
 from lit_edit.schedules import warmup_cosine
 from lit_edit.scoring import GeneratedAnswer, PairScore
-from lit_edit.tokenization import pad_sequences, pad_token_id
+from lit_edit.tokenization import pad_sequences, pad_token_id, position_ids_from_mask
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class _ScopeSet:
+    """Pairs of the scope head with their sentence embeddings and labels."""
+
+    pairs: list[ScopePair]
+    embeddings: tuple[torch.Tensor, torch.Tensor]
+
+    @property
+    def labels(self) -> torch.Tensor:
+        """``[N]`` booleans: in scope."""
+        return torch.tensor([p.in_scope for p in self.pairs], dtype=torch.bool)
+
 
 # attention projections LoRA targets by default: the paper's q/v, per architecture
 _QV_NAMES: tuple[tuple[str, ...], ...] = (
@@ -108,6 +124,18 @@ class LTEEditor(EditorModule):
         scope_threshold: Least in-scope probability of a retrieved fact.
         scope_candidates: Nearest edits (by cosine) the scope head scores per query.
         scope_steps: Training steps of the scope head (batches of 256 pairs).
+        scope_layer: Also give the scope head the backbone's hidden state of each question's
+            last token, ``hidden_states[scope_layer]`` (0: the embeddings): the model's own view
+            of what a question is about, which can link a question naming the subject's alias
+            to the edit (``None``: sentence embeddings only). The head is then trained at each
+            validation of ``fit``, on the current weights.
+        scope_positives: In-scope training questions: ``"named"`` (portability questions that
+            name the subject) or ``"all"`` (every portability question; use with
+            ``scope_layer``, see :func:`~lit_edit.nn.scope.scope_pairs`).
+        scope_negatives: Other records' in-scope questions per record as out-of-scope pairs.
+        scope_hard_negatives: Per record, the in-scope questions of this many other records
+            whose edit questions are nearest by sentence embedding, as out-of-scope pairs (the
+            edits the retriever offers for its questions when many are in memory).
         template: ``"question"`` (the training wording, also LTE's retrieval evaluation) or
             ``"query"`` (the peer's single-edit evaluation wording, METHODS.md P12).
         use_chat_template: Wrap human turns with the tokenizer's chat template: ``None`` when it
@@ -140,6 +168,10 @@ class LTEEditor(EditorModule):
         scope_threshold: float = 0.5,
         scope_candidates: int = 8,
         scope_steps: int = 2000,
+        scope_layer: int | None = None,
+        scope_positives: Literal["named", "all"] = "named",
+        scope_negatives: int = 1,
+        scope_hard_negatives: int = 0,
         template: TemplateName = "question",
         use_chat_template: bool | None = None,
         dtype: str = "float32",
@@ -155,10 +187,19 @@ class LTEEditor(EditorModule):
             raise ValueError(f"warmup_ratio must be in [0, 1), got {warmup_ratio}")
         if not 0.0 <= scope_threshold <= 1.0:
             raise ValueError(f"scope_threshold must be in [0, 1], got {scope_threshold}")
-        if scope_candidates < 1 or scope_steps < 1:
+        layers = getattr(self.model.config, "num_hidden_layers", None)
+        if scope_layer is not None and not (
+            scope_layer >= 0 and (layers is None or scope_layer <= layers)
+        ):
+            raise ValueError(f"scope_layer must be in [0, {layers}], got {scope_layer}")
+        if scope_positives not in ("named", "all"):
+            raise ValueError(f"scope_positives must be 'named' or 'all', got {scope_positives!r}")
+        negatives = min(scope_negatives, scope_hard_negatives)
+        if scope_candidates < 1 or scope_steps < 1 or negatives < 0:
             raise ValueError(
-                f"scope_candidates and scope_steps must be >= 1, got {scope_candidates}, "
-                f"{scope_steps}"
+                "scope_candidates and scope_steps must be >= 1, scope_negatives and "
+                f"scope_hard_negatives >= 0, got {scope_candidates}, {scope_steps}, "
+                f"{scope_negatives}, {scope_hard_negatives}"
             )
         self.finetune = finetune
         self.lr = lr
@@ -187,6 +228,12 @@ class LTEEditor(EditorModule):
         self.scope_threshold = scope_threshold
         self.scope_candidates = scope_candidates
         self.scope_steps = scope_steps
+        self.scope_layer = scope_layer
+        self.scope_positives = scope_positives
+        self.scope_negatives = scope_negatives
+        self.scope_hard_negatives = scope_hard_negatives
+        self._scope_data: tuple[_ScopeSet, _ScopeSet] | None = None
+        self._states_cache: dict[str, torch.Tensor] = {}
         self._retriever: Retriever | None = None
 
     def _with_lora(
@@ -267,29 +314,103 @@ class LTEEditor(EditorModule):
         return loss, acc
 
     def on_fit_start(self) -> None:
-        """Train the scope head (when enabled and not loaded); put the backbone in train mode.
-
-        The backbone is loaded in eval mode; training mode makes dropout apply.
-        """
-        if self.scope_head is not None and not self.scope_head.trained:
-            state = random.getstate(), np.random.get_state()
-            with torch.random.fork_rng(devices=[]):  # the alignment's randomness stays as it was
-                self.fit_scope()
-            random.setstate(state[0])
-            np.random.set_state(state[1])
+        """Put the backbone in training mode (it is loaded in eval mode) so dropout applies."""
         self.model.train()
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        """Forget the cached hidden states of questions: the weights are about to change."""
+        self._states_cache.clear()
+        if self._retriever is not None:
+            self._retriever.forget_states()
+
+    def on_validation_epoch_end(self) -> None:
+        """Train the scope head on the current weights (``fit`` only, not the sanity check).
+
+        The checkpoint a validation triggers then holds a head that matches its weights.
+        """
+        fitting = self._trainer is not None and self.trainer.state.fn == "fit"
+        if self.scope_head is not None and fitting and not self.trainer.sanity_checking:
+            self._fit_scope_keeping_rng()
+
+    def on_train_end(self) -> None:
+        """Train the scope head if no validation did (e.g. ``limit_val_batches=0``)."""
+        if self.scope_head is not None and not self.scope_head.trained:
+            self._fit_scope_keeping_rng()
+
+    def _fit_scope_keeping_rng(self) -> None:
+        """:meth:`fit_scope` with every global random state left as it was."""
+        state = random.getstate(), np.random.get_state()
+        with torch.random.fork_rng(devices=[]):  # the alignment's randomness stays as it was
+            self.fit_scope()
+        random.setstate(state[0])
+        np.random.set_state(state[1])
+
+    def question_states(self, questions: Sequence[str]) -> torch.Tensor:
+        """``[N, H]`` hidden states (``hidden_states[scope_layer]``) of the questions' last tokens.
+
+        Each question is asked bare (chat-wrapped, tokenized as in training); the states are
+        cached until the weights change (the next training batch).
+
+        Raises:
+            ValueError: when ``scope_layer`` is not set.
+        """
+        if self.scope_layer is None:
+            raise ValueError("question_states needs scope_layer")
+        missing = [q for q in dict.fromkeys(questions) if q not in self._states_cache]
+        if missing:
+            was_training = self.model.training
+            self.model.eval()
+            pad = pad_token_id(self.tokenizer)
+            with torch.no_grad():
+                for i in range(0, len(missing), 64):
+                    chunk = missing[i : i + 64]
+                    ids = [
+                        self.collator.encode(QAPair(self.wrap(q), "-")).prompt_ids for q in chunk
+                    ]
+                    input_ids, mask = pad_sequences(ids, pad, "left")  # [B, L]
+                    out = self.model(
+                        input_ids=input_ids.to(self.device),
+                        attention_mask=mask.to(self.device),
+                        position_ids=position_ids_from_mask(mask).to(self.device),
+                        output_hidden_states=True,
+                    )
+                    states = out.hidden_states[self.scope_layer][:, -1].float().cpu()  # [B, H]
+                    self._states_cache.update(zip(chunk, states, strict=True))
+            self.model.train(was_training)
+        return torch.stack([self._states_cache[q] for q in questions])
 
     def fit_scope(self) -> None:
         """Train :attr:`scope_head` on the datamodule's training edit records.
 
-        Pairs come from :func:`~lit_edit.nn.scope.scope_pairs`; the pair accuracy on the
-        validation records (in scope and out of scope apart) is logged. The global random state
-        is left as it was by :meth:`on_fit_start`, so enabling the scope does not change the
-        alignment.
+        Pairs come from :func:`~lit_edit.nn.scope.scope_pairs` (``scope_positives``,
+        ``scope_negatives``); with ``scope_layer`` the head also sees the model's hidden states
+        of both questions (:meth:`question_states`, on the current weights). The pair accuracy
+        on the validation records (in scope and out of scope apart) is logged. Called at each
+        validation of ``fit``; the sentence embeddings of the pairs are computed once.
 
         Raises:
             ValueError: without a datamodule offering training edit records.
         """
+        if self._scope_data is None:
+            self._scope_data = self._scope_pairs()
+        train, val = self._scope_data
+        loss = self.scope_head.fit(
+            *train.embeddings, train.labels, states=self._pair_states(train.pairs),
+            steps=self.scope_steps,
+        )
+        message = f"scope head: {len(train.pairs)} pairs, loss {loss:.4f}"
+        if val.pairs:
+            prob = self.scope_head(*val.embeddings, self._pair_states(val.pairs))  # [N]
+            hit = (prob >= self.scope_threshold) == val.labels
+            message += (
+                f"; validation ({len(val.pairs)} pairs): in scope "
+                f"{hit[val.labels].float().mean():.3f}, out of scope "
+                f"{hit[~val.labels].float().mean():.3f}"
+            )
+        log.info(message)
+
+    def _scope_pairs(self) -> tuple[_ScopeSet, _ScopeSet]:
+        """The training and validation pairs of the scope head, with their embeddings."""
         data = self.trainer.datamodule if self._trainer is not None else None
         records_of = getattr(data, "edit_records", None)
         train = records_of("train") if records_of is not None else []
@@ -298,30 +419,44 @@ class LTEEditor(EditorModule):
                 "scope=True trains the scope head on edit records: use an LTEDataModule whose "
                 "`edits` has a train split"
             )
+        named = self.scope_positives == "named"
+        neighbours = None
+        if self.scope_hard_negatives:
+            keys = F.normalize(self.retriever.encoder.encode([r.prompt for r in train]), dim=-1)
+            sims = keys @ keys.T  # [R, R]
+            sims.fill_diagonal_(-2.0)
+            k = min(self.scope_hard_negatives, len(train) - 1)
+            neighbours = sims.topk(k, dim=-1).indices.tolist()
+        sets = [_ScopeSet(*self._embedded(scope_pairs(
+            train, random_negatives=self.scope_negatives, named_only=named, neighbours=neighbours
+        )))]
+        sets.append(_ScopeSet(*self._embedded(scope_pairs(records_of("val"), named_only=named))))
+        return sets[0], sets[1]
+
+    def _embedded(
+        self, pairs: list[ScopePair]
+    ) -> tuple[list[ScopePair], tuple[torch.Tensor, torch.Tensor]]:
+        """The pairs and their sentence embeddings."""
+        return pairs, self._pair_embeddings(pairs)
+
+    def _pair_embeddings(self, pairs: list[ScopePair]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[N, D]`` sentence embeddings of the pairs' edit questions and queries."""
+        if not pairs:
+            return torch.zeros(0, 0), torch.zeros(0, 0)
         encode = self.retriever.encoder.encode
+        texts = list(dict.fromkeys(t for p in pairs for t in (p.edit, p.query)))
+        rows = torch.cat([encode(texts[i : i + 512]) for i in range(0, len(texts), 512)])
+        index = {t: i for i, t in enumerate(texts)}
+        return rows[[index[p.edit] for p in pairs]], rows[[index[p.query] for p in pairs]]
 
-        def embed(pairs: list[ScopePair]) -> tuple[torch.Tensor, torch.Tensor]:
-            """``[N, D]`` embeddings of the pairs' edit questions and queries (each text once)."""
-            texts = list(dict.fromkeys(t for p in pairs for t in (p.edit, p.query)))
-            rows = torch.cat([encode(texts[i : i + 512]) for i in range(0, len(texts), 512)])
-            index = {t: i for i, t in enumerate(texts)}
-            edits = rows[[index[p.edit] for p in pairs]]  # [N, D]
-            return edits, rows[[index[p.query] for p in pairs]]
-
-        pairs = scope_pairs(train)
-        labels = torch.tensor([p.in_scope for p in pairs])
-        loss = self.scope_head.fit(*embed(pairs), labels, steps=self.scope_steps)
-        message = f"scope head: {len(pairs)} pairs from {len(train)} records, loss {loss:.4f}"
-        val = scope_pairs(records_of("val"))
-        if val:
-            prob = self.scope_head(*embed(val))  # [N]
-            truth = torch.tensor([p.in_scope for p in val])
-            hit = (prob >= self.scope_threshold) == truth
-            message += (
-                f"; validation ({len(val)} pairs): in scope {hit[truth].float().mean():.3f}, "
-                f"out of scope {hit[~truth].float().mean():.3f}"
-            )
-        log.info(message)
+    def _pair_states(self, pairs: list[ScopePair]) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The model's hidden states of the pairs' two questions (``None`` without a layer)."""
+        if self.scope_layer is None or not pairs:
+            return None
+        return (
+            self.question_states([p.edit for p in pairs]),
+            self.question_states([p.query for p in pairs]),
+        )
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         """Answer-only SFT loss of an alignment batch."""
@@ -384,6 +519,7 @@ class LTEEditor(EditorModule):
             ValueError: if ``scope`` is on and the checkpoint has no trained head.
         """
         super().on_load_checkpoint(checkpoint)
+        self.on_train_batch_start(None, 0)  # new weights: forget the cached hidden states
         state = checkpoint["state_dict"]
         key = "scope_head._extra_state"
         if self.scope_head is None and key in state:
@@ -408,6 +544,7 @@ class LTEEditor(EditorModule):
                 scope=self.scope_head,
                 scope_threshold=self.scope_threshold,
                 candidates=self.scope_candidates,
+                states=self.question_states if self.scope_layer is not None else None,
             )
         return self._retriever
 

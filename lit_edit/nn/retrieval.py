@@ -25,7 +25,7 @@ Three parts, plain torch (no Lightning):
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -256,8 +256,9 @@ class Retriever:
     measuring hit rates on the same prompts embeds each of them once.
 
     With a ``scope`` head, each query's ``candidates`` nearest edits (by cosine) are scored by
-    the head; those with an in-scope probability of at least ``scope_threshold`` (and a cosine
-    of at least ``threshold``, if set) are returned, most probable first.
+    the head (with ``states``, also its ``candidates`` nearest by the cosine of the states); those
+    with an in-scope probability of at least ``scope_threshold`` (and a cosine of at least
+    ``threshold``, if set) are returned, most probable first.
 
     Args:
         encoder: The sentence encoder (keys and queries).
@@ -268,6 +269,9 @@ class Retriever:
         scope: A trained scope classifier (``None``: none, the paper).
         scope_threshold: Least in-scope probability of a returned fact.
         candidates: Nearest edits the scope head scores per query (at least ``top_k``).
+        states: A second view of questions for the scope head, ``texts -> [N, H]`` (e.g. the
+            model's hidden states), applied to the candidates' edit questions and the queries;
+            ``None`` when the head was trained without one.
     """
 
     def __init__(
@@ -280,6 +284,7 @@ class Retriever:
         scope: ScopeHead | None = None,
         scope_threshold: float = 0.5,
         candidates: int = 8,
+        states: Callable[[Sequence[str]], torch.Tensor] | None = None,
     ) -> None:
         if top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {top_k}")
@@ -295,6 +300,9 @@ class Retriever:
         self.scope = scope
         self.scope_threshold = scope_threshold
         self.candidates = candidates
+        self.states = states
+        self._states_of: list[str] = []  # the memory questions whose states are cached
+        self._state_rows = torch.zeros(0, 0)  # [len(_states_of), H]
         self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
 
     def embed(self, texts: Sequence[str]) -> torch.Tensor:
@@ -309,6 +317,23 @@ class Retriever:
         while len(self._cache) > self.cache_size:
             self._cache.popitem(last=False)
         return out
+
+    def forget_states(self) -> None:
+        """Drop the kept states of the memory's questions (call when :attr:`states` changes)."""
+        self._states_of, self._state_rows = [], torch.zeros(0, 0)
+
+    def _edit_states(self) -> torch.Tensor:
+        """``[N, H]`` :attr:`states` of the memory's edit questions (kept for the next call)."""
+        assert self.states is not None
+        questions = self.memory.questions
+        n = len(self._states_of)
+        if n > len(questions) or self._states_of != questions[:n]:  # truncated or replaced
+            self._states_of, self._state_rows, n = [], torch.zeros(0, 0), 0
+        if n < len(questions):
+            new = self.states(questions[n:]).float()  # [N - n, H]
+            self._state_rows = torch.cat([self._state_rows, new]) if n else new
+            self._states_of = list(questions)
+        return self._state_rows
 
     def insert(self, questions: Sequence[str], facts: Sequence[str]) -> int:
         """Insert edits in bulk (one encoder call).
@@ -347,16 +372,31 @@ class Retriever:
             probs = [[None] * scores.shape[1]] * scores.shape[0]
         else:
             scores, indices = self.memory.search(embedded, max(k, self.candidates))  # [Q, C]
-            keys = self.memory.rows(indices)  # [Q, C, D]
-            probs = self.scope(keys, embedded[:, None, :].expand_as(keys)).tolist()  # [Q, C]
+            views = None
+            if self.states is not None:
+                query_states = self.states(list(queries))  # [Q, H]
+                edit_states = self._edit_states()  # [N, H]
+                near = F.normalize(query_states, dim=-1) @ F.normalize(edit_states, dim=-1).T
+                extra = near.topk(min(max(k, self.candidates), len(self.memory))).indices
+                indices = torch.cat([indices, extra], dim=1)  # [Q, C + C']
+                rows = edit_states[indices]  # [Q, C + C', H]
+                views = (rows, query_states[:, None, :].expand_as(rows))
+            keys = self.memory.rows(indices)  # [Q, C(+C'), D]
+            unit = F.normalize(embedded.float(), dim=-1)  # [Q, D]
+            scores = torch.einsum("qd,qcd->qc", unit, F.normalize(keys, dim=-1))
+            probs = self.scope(keys, embedded[:, None, :].expand_as(keys), views).tolist()
         out = []
         for row_s, row_i, row_p in zip(scores.tolist(), indices.tolist(), probs, strict=True):
-            found = [
-                Retrieved(i, self.memory.facts[i], s, p)
-                for s, i, p in zip(row_s, row_i, row_p, strict=True)
-                if (self.threshold is None or s >= self.threshold)
-                and (p is None or p >= self.scope_threshold)
-            ]
+            seen: set[int] = set()
+            found = []
+            for s, i, p in zip(row_s, row_i, row_p, strict=True):
+                if i in seen:
+                    continue
+                seen.add(i)
+                if (self.threshold is None or s >= self.threshold) and (
+                    p is None or p >= self.scope_threshold
+                ):
+                    found.append(Retrieved(i, self.memory.facts[i], s, p))
             if self.scope is not None:
                 found.sort(key=lambda r: -r.in_scope)  # stable: ties keep the cosine order
             out.append(found[:k])

@@ -34,6 +34,9 @@ from torch import nn
 
 from lit_edit.records import EditRecord
 
+#: A second view of a pair: ``(edit_states, query_states)``, ``[..., H]`` each.
+StatePair = tuple[torch.Tensor, torch.Tensor]
+
 
 @dataclass(frozen=True)
 class ScopePair:
@@ -50,22 +53,31 @@ class ScopePair:
     in_scope: bool
 
 
-def in_scope_questions(record: EditRecord) -> list[str]:
+def in_scope_questions(record: EditRecord, named_only: bool = True) -> list[str]:
     """The questions of a record its edit is trained to reach.
 
-    The edit question, its rephrases, and the portability questions whose text names the
-    record's subject (all portability questions when the record has no subject).
+    Args:
+        record: An edit record.
+        named_only: Keep only the portability questions whose text names the record's subject
+            (all of them when the record has no subject); ``False``: every portability question.
+
+    Returns:
+        The edit question, its rephrases and the kept portability questions.
     """
     questions = [record.prompt, *record.rephrase_prompts]
     for group in record.portability.values():
         for pair in group:
-            if not record.subject or record.subject in pair.prompt:
+            if not (named_only and record.subject) or record.subject in pair.prompt:
                 questions.append(pair.prompt)
     return list(dict.fromkeys(questions))
 
 
 def scope_pairs(
-    records: Sequence[EditRecord], seed: int = 0, random_negatives: int = 1
+    records: Sequence[EditRecord],
+    seed: int = 0,
+    random_negatives: int = 1,
+    named_only: bool = True,
+    neighbours: Sequence[Sequence[int]] | None = None,
 ) -> list[ScopePair]:
     """Training pairs of the scope classifier from edit records.
 
@@ -74,13 +86,20 @@ def scope_pairs(
         seed: Seed of the other records drawn as random negatives.
         random_negatives: Per record, in-scope questions of other records (drawn at random)
             paired with this record's edit question as out-of-scope pairs.
+        named_only: See :func:`in_scope_questions` (``False`` needs features that can link a
+            question to the edit without naming its subject, e.g. the model's hidden states:
+            otherwise the classifier learns the surface of such questions).
+        neighbours: Per record, positions of other records whose in-scope questions are all
+            added as out-of-scope pairs (hard negatives: e.g. the records whose edit questions
+            are nearest, the edits a retriever will offer for this one's questions).
 
     Returns:
         For each record: its in-scope pairs (:func:`in_scope_questions`), then its locality
-        questions and ``random_negatives`` other records' questions as out-of-scope pairs.
+        questions, ``random_negatives`` other records' questions and its neighbours' questions
+        as out-of-scope pairs.
     """
     rng = random.Random(seed)
-    scoped = [in_scope_questions(r) for r in records]
+    scoped = [in_scope_questions(r, named_only) for r in records]
     pairs: list[ScopePair] = []
     for i, record in enumerate(records):
         pairs += [ScopePair(record.prompt, q, True) for q in scoped[i]]
@@ -94,6 +113,10 @@ def scope_pairs(
                 j = rng.randrange(len(records) - 1)
                 j += j >= i  # another record
                 pairs.append(ScopePair(record.prompt, rng.choice(scoped[j]), False))
+        for j in neighbours[i] if neighbours is not None else ():
+            if j == i:
+                raise ValueError(f"record {i} is listed among its own neighbours")
+            pairs += [ScopePair(record.prompt, q, False) for q in scoped[j]]
     return pairs
 
 
@@ -121,40 +144,58 @@ class ScopeHead(nn.Module):
         return bool(self.weights)
 
     @staticmethod
-    def features(edits: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
-        """``[..., 2 D + 1]`` pair features ``[e * q, |e - q|, <e, q>]`` of unit vectors.
+    def features(
+        edits: torch.Tensor, queries: torch.Tensor, states: StatePair | None = None
+    ) -> torch.Tensor:
+        """``[..., F]`` pair features: ``[e * q, |e - q|, <e, q>]`` of unit vectors, per view.
 
         Args:
             edits: ``[..., D]`` edit-question embeddings (normalised here).
             queries: ``[..., D]`` query embeddings, same shape (normalised here).
+            states: Optionally a second view: ``(edit_states, query_states)``, ``[..., H]``
+                each (e.g. the model's hidden states of the two questions); its features follow
+                the first view's (``F = 2 D + 1 + 2 H + 1``).
         """
-        e = F.normalize(edits.float(), dim=-1)
-        q = F.normalize(queries.float(), dim=-1)
-        prod = e * q  # [..., D]
-        return torch.cat([prod, (e - q).abs(), prod.sum(-1, keepdim=True)], dim=-1)
+        views = [(edits, queries), *([states] if states is not None else [])]
+        out = []
+        for a, b in views:
+            e = F.normalize(a.float(), dim=-1)
+            q = F.normalize(b.float(), dim=-1)
+            prod = e * q  # [..., D]
+            out += [prod, (e - q).abs(), prod.sum(-1, keepdim=True)]
+        return torch.cat(out, dim=-1)
 
     def _logits(self, features: torch.Tensor, weights: dict[str, torch.Tensor]) -> torch.Tensor:
         hidden = F.gelu(F.linear(features, weights["w1"], weights["b1"]))  # [..., H]
         return F.linear(hidden, weights["w2"], weights["b2"]).squeeze(-1)  # [...]
 
-    def forward(self, edits: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, edits: torch.Tensor, queries: torch.Tensor, states: StatePair | None = None
+    ) -> torch.Tensor:
         """In-scope probabilities ``[...]`` of ``[..., D]`` edit and query embeddings.
+
+        Args:
+            edits: Edit-question embeddings.
+            queries: Query embeddings.
+            states: The second view, when the head was trained with one (see :meth:`features`).
 
         Raises:
             RuntimeError: if the head is not trained.
+            ValueError: if the inputs do not give the features the head was trained on.
         """
         if not self.trained:
             raise RuntimeError(
                 "the scope head is not trained: fit the editor with its scope enabled first "
                 "(e.g. LTEEditor(scope=True) and `train.py fit`), or load such a checkpoint"
             )
-        n_in = self.weights["w1"].shape[1]  # 2 D + 1
-        if edits.shape[-1] != (n_in - 1) // 2:
+        features = self.features(edits, queries, states)
+        n_in = self.weights["w1"].shape[1]
+        if features.shape[-1] != n_in:
             raise ValueError(
-                f"the scope head was trained on {(n_in - 1) // 2}-dimensional embeddings, "
-                f"got {edits.shape[-1]}"
+                f"the scope head was trained on {n_in} pair features, these inputs give "
+                f"{features.shape[-1]} (embedding size {edits.shape[-1]}, "
+                f"{'no state' if states is None else 'state size ' + str(states[0].shape[-1])})"
             )
-        features = self.features(edits, queries)
         with torch.no_grad():
             return torch.sigmoid(self._logits(features, self.weights))
 
@@ -163,6 +204,7 @@ class ScopeHead(nn.Module):
         edits: torch.Tensor,
         queries: torch.Tensor,
         labels: torch.Tensor,
+        states: StatePair | None = None,
         steps: int = 2000,
         batch_size: int = 256,
         lr: float = 1e-3,
@@ -177,6 +219,7 @@ class ScopeHead(nn.Module):
             edits: ``[N, D]`` edit-question embeddings.
             queries: ``[N, D]`` query embeddings.
             labels: ``[N]`` booleans, ``True`` for in-scope pairs.
+            states: Optional second view, ``[N, H]`` each (see :meth:`features`).
             steps: Optimizer steps.
             batch_size: Pairs per step (sampled with replacement).
             lr: AdamW learning rate.
@@ -194,7 +237,7 @@ class ScopeHead(nn.Module):
         if len(labels) == 0:
             raise ValueError("no scope pairs to train on")
         gen = torch.Generator().manual_seed(seed)
-        features = self.features(edits, queries).detach()  # [N, F]
+        features = self.features(edits, queries, states).detach()  # [N, F]
         target = labels.float()
         n_in = features.shape[1]
         bound1, bound2 = n_in**-0.5, self.hidden**-0.5
