@@ -4,72 +4,32 @@ from __future__ import annotations
 
 import logging
 import math
-import random
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any, Literal
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from lit_edit.data.collate import IGNORE_INDEX, PairCollator
-from lit_edit.editing import CallbackHandle, EditHandle
 from lit_edit.methods.base import EditorModule
+from lit_edit.methods.lte_editing import RetrievalEditing
+from lit_edit.nn.lte_lora import default_lora_targets, with_lora
 from lit_edit.nn.lte_positions import extend_context, set_dropout
-from lit_edit.nn.lte_templates import ChatWrapper, TemplateName, edit_prompt, template_text
-from lit_edit.nn.retrieval import DEFAULT_ENCODER, EditMemory, Retriever, load_encoder
-from lit_edit.nn.scope import ScopeHead, ScopePair, scope_pairs
-from lit_edit.records import EditRecord, QAPair
+from lit_edit.nn.lte_states import QuestionStates
+from lit_edit.nn.lte_templates import ChatWrapper, TemplateName, template_text
+from lit_edit.nn.retrieval import DEFAULT_ENCODER, EditMemory, Retriever
+from lit_edit.nn.scope import ScopeHead
+from lit_edit.nn.scope_training import ScopeTrainer
+from lit_edit.records import QAPair
 from lit_edit.schedules import warmup_cosine
-from lit_edit.scoring import GeneratedAnswer, PairScore
-from lit_edit.tokenization import pad_sequences, pad_token_id, position_ids_from_mask
+from lit_edit.tokenization import pad_sequences, pad_token_id
 
 log = logging.getLogger(__name__)
 
-
-@dataclass
-class _ScopeSet:
-    """Pairs of the scope head with their sentence embeddings and labels."""
-
-    pairs: list[ScopePair]
-    embeddings: tuple[torch.Tensor, torch.Tensor]
-
-    @property
-    def labels(self) -> torch.Tensor:
-        """``[N]`` booleans: in scope."""
-        return torch.tensor([p.in_scope for p in self.pairs], dtype=torch.bool)
+__all__ = ["LTEEditor", "default_lora_targets"]
 
 
-# attention projections LoRA targets by default: the paper's q/v, per architecture
-_QV_NAMES: tuple[tuple[str, ...], ...] = (
-    ("q_proj", "v_proj"),  # LLaMA, Mistral, Qwen2, OPT
-    ("query", "value"),  # BERT-style
-    ("c_attn",),  # GPT-2 and Qwen-1: q, k and v are one fused matrix
-    ("query_key_value",),  # GPT-NeoX, Falcon, BLOOM: fused
-)
-
-
-def default_lora_targets(model: nn.Module) -> list[str]:
-    """The paper's LoRA targets (query and value projections) under ``model``'s module names.
-
-    Architectures with a fused query/key/value matrix (GPT-2's ``c_attn``, NeoX's
-    ``query_key_value``) get that matrix: LoRA on it adapts q, k and v together.
-
-    Raises:
-        ValueError: for an architecture with none of the known names.
-    """
-    leaves = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
-    for names in _QV_NAMES:
-        if all(n in leaves for n in names):
-            return list(names)
-    raise ValueError(
-        f"no known query/value projection in {type(model).__name__}: set lora_target_modules"
-    )
-
-
-class LTEEditor(EditorModule):
+class LTEEditor(RetrievalEditing, EditorModule):
     """LTE: align the model to apply facts given in its prompt, then edit by retrieval.
 
     **Alignment** (``fit``): supervised fine-tuning on LTE parallel data
@@ -116,19 +76,20 @@ class LTEEditor(EditorModule):
         threshold: Minimum cosine similarity of a retrieved fact (``None``: no threshold, the
             paper; a query whose facts all fall below it is asked bare).
         scope: Learn which retrieved edits apply to a query (an extension, not in the paper): at
-            the start of ``fit``, a :class:`~lit_edit.nn.scope.ScopeHead` is trained on pairs of
-            the datamodule's training edit records (:func:`~lit_edit.nn.scope.scope_pairs`) over
-            the retriever's embeddings, and saved with the checkpoint; at editing time it scores
-            each query's ``scope_candidates`` nearest edits and only those with an in-scope
-            probability of at least ``scope_threshold`` are put in the prompt.
+            each validation of ``fit`` (on the weights of that moment), a
+            :class:`~lit_edit.nn.scope.ScopeHead` is trained on pairs of the datamodule's
+            training edit records (:func:`~lit_edit.nn.scope.scope_pairs`) over the retriever's
+            embeddings, and saved with the checkpoint; at editing time it scores each query's
+            ``scope_candidates`` nearest edits and only those with an in-scope probability of at
+            least ``scope_threshold`` are put in the prompt.
         scope_threshold: Least in-scope probability of a retrieved fact.
         scope_candidates: Nearest edits (by cosine) the scope head scores per query.
         scope_steps: Training steps of the scope head (batches of 256 pairs).
         scope_layer: Also give the scope head the backbone's hidden state of each question's
             last token, ``hidden_states[scope_layer]`` (0: the embeddings): the model's own view
             of what a question is about, which can link a question naming the subject's alias
-            to the edit (``None``: sentence embeddings only). The head is then trained at each
-            validation of ``fit``, on the current weights.
+            to the edit (``None``: sentence embeddings only; see
+            :class:`~lit_edit.nn.lte_states.QuestionStates`).
         scope_positives: In-scope training questions: ``"named"`` (portability questions that
             name the subject) or ``"all"`` (every portability question; use with
             ``scope_layer``, see :func:`~lit_edit.nn.scope.scope_pairs`).
@@ -217,8 +178,9 @@ class LTEEditor(EditorModule):
         if finetune == "full":
             self.model.requires_grad_(True)
         else:
-            self.model = self._with_lora(
-                lora_rank, lora_alpha, lora_dropout, lora_target_modules, lora_modules_to_save
+            self.model = with_lora(
+                self.model, lora_rank, lora_alpha, lora_dropout, lora_target_modules,
+                lora_modules_to_save,
             )
         self.memory = EditMemory(key_dtype)
         self.retriever_name = retriever
@@ -232,32 +194,14 @@ class LTEEditor(EditorModule):
         self.scope_positives = scope_positives
         self.scope_negatives = scope_negatives
         self.scope_hard_negatives = scope_hard_negatives
-        self._scope_data: tuple[_ScopeSet, _ScopeSet] | None = None
-        self._states_cache: dict[str, torch.Tensor] = {}
-        self._retriever: Retriever | None = None
-
-    def _with_lora(
-        self,
-        rank: int,
-        alpha: int,
-        dropout: float,
-        targets: list[str] | None,
-        to_save: list[str] | None,
-    ) -> nn.Module:
-        from peft import LoraConfig, get_peft_model
-
-        targets = targets or default_lora_targets(self.model)
-        config = LoraConfig(
-            r=rank,
-            lora_alpha=alpha,
-            lora_dropout=dropout,
-            target_modules=targets,
-            modules_to_save=to_save,
-            fan_in_fan_out=self.model.config.model_type == "gpt2",  # GPT-2's Conv1D is [in, out]
-            bias="none",
-            task_type="CAUSAL_LM",
+        self.question_states = None if scope_layer is None else QuestionStates(
+            self.model,
+            lambda q: self.collator.encode(QAPair(self.wrap(q), "-")).prompt_ids,  # prompt only
+            pad_token_id(self.tokenizer),
+            scope_layer,
         )
-        return get_peft_model(self.model, config)
+        self._scope_trainer: ScopeTrainer | None = None
+        self._retriever: Retriever | None = None
 
     # ------------------------------------------------------------------ alignment
     def encode_samples(self, pairs: Sequence[QAPair]) -> dict[str, torch.Tensor]:
@@ -319,7 +263,12 @@ class LTEEditor(EditorModule):
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         """Forget the cached hidden states of questions: the weights are about to change."""
-        self._states_cache.clear()
+        self._forget_states()
+
+    def _forget_states(self) -> None:
+        """Drop every cached hidden state (the editor's and the retriever's)."""
+        if self.question_states is not None:
+            self.question_states.clear()
         if self._retriever is not None:
             self._retriever.forget_states()
 
@@ -330,133 +279,44 @@ class LTEEditor(EditorModule):
         """
         fitting = self._trainer is not None and self.trainer.state.fn == "fit"
         if self.scope_head is not None and fitting and not self.trainer.sanity_checking:
-            self._fit_scope_keeping_rng()
+            self.fit_scope()
 
     def on_train_end(self) -> None:
         """Train the scope head if no validation did (e.g. ``limit_val_batches=0``)."""
         if self.scope_head is not None and not self.scope_head.trained:
-            self._fit_scope_keeping_rng()
-
-    def _fit_scope_keeping_rng(self) -> None:
-        """:meth:`fit_scope` with every global random state left as it was."""
-        state = random.getstate(), np.random.get_state()
-        with torch.random.fork_rng(devices=[]):  # the alignment's randomness stays as it was
             self.fit_scope()
-        random.setstate(state[0])
-        np.random.set_state(state[1])
-
-    def question_states(self, questions: Sequence[str]) -> torch.Tensor:
-        """``[N, H]`` hidden states (``hidden_states[scope_layer]``) of the questions' last tokens.
-
-        Each question is asked bare (chat-wrapped, tokenized as in training); the states are
-        cached until the weights change (the next training batch).
-
-        Raises:
-            ValueError: when ``scope_layer`` is not set.
-        """
-        if self.scope_layer is None:
-            raise ValueError("question_states needs scope_layer")
-        missing = [q for q in dict.fromkeys(questions) if q not in self._states_cache]
-        if missing:
-            was_training = self.model.training
-            self.model.eval()
-            pad = pad_token_id(self.tokenizer)
-            with torch.no_grad():
-                for i in range(0, len(missing), 64):
-                    chunk = missing[i : i + 64]
-                    ids = [
-                        self.collator.encode(QAPair(self.wrap(q), "-")).prompt_ids for q in chunk
-                    ]
-                    input_ids, mask = pad_sequences(ids, pad, "left")  # [B, L]
-                    out = self.model(
-                        input_ids=input_ids.to(self.device),
-                        attention_mask=mask.to(self.device),
-                        position_ids=position_ids_from_mask(mask).to(self.device),
-                        output_hidden_states=True,
-                    )
-                    states = out.hidden_states[self.scope_layer][:, -1].float().cpu()  # [B, H]
-                    self._states_cache.update(zip(chunk, states, strict=True))
-            self.model.train(was_training)
-        return torch.stack([self._states_cache[q] for q in questions])
 
     def fit_scope(self) -> None:
         """Train :attr:`scope_head` on the datamodule's training edit records.
 
-        Pairs come from :func:`~lit_edit.nn.scope.scope_pairs` (``scope_positives``,
-        ``scope_negatives``); with ``scope_layer`` the head also sees the model's hidden states
-        of both questions (:meth:`question_states`, on the current weights). The pair accuracy
-        on the validation records (in scope and out of scope apart) is logged. Called at each
-        validation of ``fit``; the sentence embeddings of the pairs are computed once.
+        See :class:`~lit_edit.nn.scope_training.ScopeTrainer` (pairs and their embeddings are
+        built once; global random states are left as they were, so enabling the scope does not
+        change the alignment). The final loss and validation accuracies are logged.
 
         Raises:
             ValueError: without a datamodule offering training edit records.
         """
-        if self._scope_data is None:
-            self._scope_data = self._scope_pairs()
-        train, val = self._scope_data
-        loss = self.scope_head.fit(
-            *train.embeddings, train.labels, states=self._pair_states(train.pairs),
-            steps=self.scope_steps,
-        )
-        message = f"scope head: {len(train.pairs)} pairs, loss {loss:.4f}"
-        if val.pairs:
-            prob = self.scope_head(*val.embeddings, self._pair_states(val.pairs))  # [N]
-            hit = (prob >= self.scope_threshold) == val.labels
-            message += (
-                f"; validation ({len(val.pairs)} pairs): in scope "
-                f"{hit[val.labels].float().mean():.3f}, out of scope "
-                f"{hit[~val.labels].float().mean():.3f}"
+        assert self.scope_head is not None
+        if self._scope_trainer is None:
+            self._scope_trainer = ScopeTrainer(
+                self.scope_head,
+                self.retriever.encoder,
+                self.question_states,
+                named_only=self.scope_positives == "named",
+                negatives=self.scope_negatives,
+                hard_negatives=self.scope_hard_negatives,
+                steps=self.scope_steps,
+                threshold=self.scope_threshold,
             )
-        log.info(message)
-
-    def _scope_pairs(self) -> tuple[_ScopeSet, _ScopeSet]:
-        """The training and validation pairs of the scope head, with their embeddings."""
-        data = self.trainer.datamodule if self._trainer is not None else None
-        records_of = getattr(data, "edit_records", None)
-        train = records_of("train") if records_of is not None else []
-        if not train:
-            raise ValueError(
-                "scope=True trains the scope head on edit records: use an LTEDataModule whose "
-                "`edits` has a train split"
-            )
-        named = self.scope_positives == "named"
-        neighbours = None
-        if self.scope_hard_negatives:
-            keys = F.normalize(self.retriever.encoder.encode([r.prompt for r in train]), dim=-1)
-            sims = keys @ keys.T  # [R, R]
-            sims.fill_diagonal_(-2.0)
-            k = min(self.scope_hard_negatives, len(train) - 1)
-            neighbours = sims.topk(k, dim=-1).indices.tolist()
-        sets = [_ScopeSet(*self._embedded(scope_pairs(
-            train, random_negatives=self.scope_negatives, named_only=named, neighbours=neighbours
-        )))]
-        sets.append(_ScopeSet(*self._embedded(scope_pairs(records_of("val"), named_only=named))))
-        return sets[0], sets[1]
-
-    def _embedded(
-        self, pairs: list[ScopePair]
-    ) -> tuple[list[ScopePair], tuple[torch.Tensor, torch.Tensor]]:
-        """The pairs and their sentence embeddings."""
-        return pairs, self._pair_embeddings(pairs)
-
-    def _pair_embeddings(self, pairs: list[ScopePair]) -> tuple[torch.Tensor, torch.Tensor]:
-        """``[N, D]`` sentence embeddings of the pairs' edit questions and queries."""
-        if not pairs:
-            return torch.zeros(0, 0), torch.zeros(0, 0)
-        encode = self.retriever.encoder.encode
-        texts = list(dict.fromkeys(t for p in pairs for t in (p.edit, p.query)))
-        rows = torch.cat([encode(texts[i : i + 512]) for i in range(0, len(texts), 512)])
-        index = {t: i for i, t in enumerate(texts)}
-        return rows[[index[p.edit] for p in pairs]], rows[[index[p.query] for p in pairs]]
-
-    def _pair_states(self, pairs: list[ScopePair]) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """The model's hidden states of the pairs' two questions (``None`` without a layer)."""
-        if self.scope_layer is None or not pairs:
-            return None
-        return (
-            self.question_states([p.edit for p in pairs]),
-            self.question_states([p.query for p in pairs]),
-        )
+            data = self.trainer.datamodule if self._trainer is not None else None
+            records_of = getattr(data, "edit_records", None)
+            if records_of is None:
+                raise ValueError(
+                    "scope=True trains the scope head on edit records: use an LTEDataModule "
+                    "whose `edits` has a train split"
+                )
+            self._scope_trainer.prepare(records_of("train"), records_of("val"))
+        log.info(self._scope_trainer.fit())
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         """Answer-only SFT loss of an alignment batch."""
@@ -519,7 +379,7 @@ class LTEEditor(EditorModule):
             ValueError: if ``scope`` is on and the checkpoint has no trained head.
         """
         super().on_load_checkpoint(checkpoint)
-        self.on_train_batch_start(None, 0)  # new weights: forget the cached hidden states
+        self._forget_states()  # new weights
         state = checkpoint["state_dict"]
         key = "scope_head._extra_state"
         if self.scope_head is None and key in state:
@@ -530,93 +390,3 @@ class LTEEditor(EditorModule):
                 "scope=True but the checkpoint has no trained scope head (aligned with "
                 "scope=False): evaluate with scope=False or align again with scope=True"
             )
-
-    # ------------------------------------------------------------------ editing
-    @property
-    def retriever(self) -> Retriever:
-        """The retriever over :attr:`memory` (its encoder is loaded on first use)."""
-        if self._retriever is None:
-            self._retriever = Retriever(
-                load_encoder(self.retriever_name),
-                self.memory,
-                self.top_k,
-                self.threshold,
-                scope=self.scope_head,
-                scope_threshold=self.scope_threshold,
-                candidates=self.scope_candidates,
-                states=self.question_states if self.scope_layer is not None else None,
-            )
-        return self._retriever
-
-    def edit(self, records: Sequence[EditRecord]) -> EditHandle:
-        """Insert the records' edits into the memory (in bulk); the handle removes them.
-
-        Args:
-            records: Records edited together.
-
-        Returns:
-            A handle that truncates the memory back to its previous size.
-        """
-        size = self.retriever.insert([r.prompt for r in records], [r.fact for r in records])
-        return CallbackHandle(lambda: self.memory.truncate(size))
-
-    def contextualise(self, questions: Sequence[str]) -> list[str]:
-        """The prompts the model sees: retrieved facts in the template, chat-wrapped.
-
-        A question with no retrieved fact (empty memory, or all below the threshold) is asked
-        bare.
-        """
-        found = self.retriever.retrieve(list(questions)) if len(self.memory) else None
-        out = []
-        for i, q in enumerate(questions):
-            facts = [r.fact for r in found[i]] if found is not None else []
-            out.append(self.wrap(edit_prompt(facts, q, self.template) if facts else q))
-        return out
-
-    def _in_context(self, pairs: Sequence[QAPair]) -> list[QAPair]:
-        prompts = self.contextualise([p.prompt for p in pairs])
-        return [QAPair(c, p.answer, p.aliases) for c, p in zip(prompts, pairs, strict=True)]
-
-    def score_pairs(self, pairs: Sequence[QAPair]) -> list[PairScore]:
-        """Score the pairs with their retrieved facts in the template."""
-        return super().score_pairs(self._in_context(pairs))
-
-    def generate_answers(self, pairs: Sequence[QAPair]) -> list[GeneratedAnswer]:
-        """Greedy answers with the retrieved facts in the template."""
-        return super().generate_answers(self._in_context(pairs))
-
-    def record_values(self, records: Sequence[EditRecord]) -> list[dict[str, float | None]]:
-        """Retrieval hit rates of each record's in-scope queries (edit, rephrases, portability).
-
-        Returns:
-            Per record ``{"retrieval/hit@1", "retrieval/hit@k"}`` (empty with an empty memory).
-        """
-        if not len(self.memory):
-            return [{} for _ in records]
-        queries = [
-            [r.prompt, *r.rephrase_prompts, *(p.prompt for g in r.portability.values() for p in g)]
-            for r in records
-        ]
-        flat = [q for qs in queries for q in qs]
-        found = self.retriever.retrieve(flat, max(self.top_k, 1))
-        out, i = [], 0
-        for r, qs in zip(records, queries, strict=True):
-            hits = found[i : i + len(qs)]
-            i += len(qs)
-            top1 = [bool(h) and h[0].fact == r.fact for h in hits]
-            topk = [any(x.fact == r.fact for x in h) for h in hits]
-            out.append({
-                "retrieval/hit@1": sum(top1) / len(qs),
-                "retrieval/hit@k": sum(topk) / len(qs),
-            })
-        return out
-
-    def on_test_epoch_end(self) -> None:
-        """Log the mean retrieval hit rates beside the editing metrics."""
-        super().on_test_epoch_end()
-        assert self._run is not None
-        for key in ("retrieval/hit@1", "retrieval/hit@k"):
-            values = [r.post[key] for r in self._run.results if r.post.get(key) is not None]
-            if values:
-                name = "test/" + key.replace("/", "_")
-                self.log(name, sum(values) / len(values), batch_size=1)

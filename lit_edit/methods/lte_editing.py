@@ -1,0 +1,109 @@
+"""LTE's inference phase: editing by retrieval from an edit memory (METHODS.md §5.5)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from lit_edit.editing import CallbackHandle, EditHandle
+from lit_edit.nn.lte_templates import edit_prompt
+from lit_edit.nn.retrieval import Retriever, load_encoder
+from lit_edit.records import EditRecord, QAPair
+from lit_edit.scoring import GeneratedAnswer, PairScore
+
+
+class RetrievalEditing:
+    """Editing by retrieval, mixed into :class:`~lit_edit.methods.lte.LTEEditor`.
+
+    An edit is an insertion into :attr:`memory`; every scored or generated question gets its
+    retrieved facts in the template first. Uses the editor's ``memory``, ``retriever_name``,
+    ``top_k``, ``threshold``, scope settings, ``question_states``, ``template`` and ``wrap``.
+    """
+
+    @property
+    def retriever(self) -> Retriever:
+        """The retriever over :attr:`memory` (its encoder is loaded on first use)."""
+        if self._retriever is None:
+            self._retriever = Retriever(
+                load_encoder(self.retriever_name),
+                self.memory,
+                self.top_k,
+                self.threshold,
+                scope=self.scope_head,
+                scope_threshold=self.scope_threshold,
+                candidates=self.scope_candidates,
+                states=self.question_states,
+            )
+        return self._retriever
+
+    def edit(self, records: Sequence[EditRecord]) -> EditHandle:
+        """Insert the records' edits into the memory (in bulk); the handle removes them.
+
+        Args:
+            records: Records edited together.
+
+        Returns:
+            A handle that truncates the memory back to its previous size.
+        """
+        size = self.retriever.insert([r.prompt for r in records], [r.fact for r in records])
+        return CallbackHandle(lambda: self.memory.truncate(size))
+
+    def contextualise(self, questions: Sequence[str]) -> list[str]:
+        """The prompts the model sees: retrieved facts in the template, chat-wrapped.
+
+        A question with no retrieved fact (empty memory, or all below the threshold) is asked
+        bare.
+        """
+        found = self.retriever.retrieve(list(questions)) if len(self.memory) else None
+        out = []
+        for i, q in enumerate(questions):
+            facts = [r.fact for r in found[i]] if found is not None else []
+            out.append(self.wrap(edit_prompt(facts, q, self.template) if facts else q))
+        return out
+
+    def _in_context(self, pairs: Sequence[QAPair]) -> list[QAPair]:
+        prompts = self.contextualise([p.prompt for p in pairs])
+        return [QAPair(c, p.answer, p.aliases) for c, p in zip(prompts, pairs, strict=True)]
+
+    def score_pairs(self, pairs: Sequence[QAPair]) -> list[PairScore]:
+        """Score the pairs with their retrieved facts in the template."""
+        return super().score_pairs(self._in_context(pairs))
+
+    def generate_answers(self, pairs: Sequence[QAPair]) -> list[GeneratedAnswer]:
+        """Greedy answers with the retrieved facts in the template."""
+        return super().generate_answers(self._in_context(pairs))
+
+    def record_values(self, records: Sequence[EditRecord]) -> list[dict[str, float | None]]:
+        """Retrieval hit rates of each record's in-scope queries (edit, rephrases, portability).
+
+        Returns:
+            Per record ``{"retrieval/hit@1", "retrieval/hit@k"}`` (empty with an empty memory).
+        """
+        if not len(self.memory):
+            return [{} for _ in records]
+        queries = [
+            [r.prompt, *r.rephrase_prompts, *(p.prompt for g in r.portability.values() for p in g)]
+            for r in records
+        ]
+        flat = [q for qs in queries for q in qs]
+        found = self.retriever.retrieve(flat, max(self.top_k, 1))
+        out, i = [], 0
+        for r, qs in zip(records, queries, strict=True):
+            hits = found[i : i + len(qs)]
+            i += len(qs)
+            top1 = [bool(h) and h[0].fact == r.fact for h in hits]
+            topk = [any(x.fact == r.fact for x in h) for h in hits]
+            out.append({
+                "retrieval/hit@1": sum(top1) / len(qs),
+                "retrieval/hit@k": sum(topk) / len(qs),
+            })
+        return out
+
+    def on_test_epoch_end(self) -> None:
+        """Log the mean retrieval hit rates beside the editing metrics."""
+        super().on_test_epoch_end()
+        assert self._run is not None
+        for key in ("retrieval/hit@1", "retrieval/hit@k"):
+            values = [r.post[key] for r in self._run.results if r.post.get(key) is not None]
+            if values:
+                name = "test/" + key.replace("/", "_")
+                self.log(name, sum(values) / len(values), batch_size=1)
