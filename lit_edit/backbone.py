@@ -137,30 +137,3 @@ def find_module(model: nn.Module, name: str) -> nn.Module:
     close = difflib.get_close_matches(name, list(modules), n=5, cutoff=0.5)
     hint = f"; closest matches: {', '.join(close)}" if close else ""
     raise KeyError(f"no module named {name!r} in {type(model).__name__}{hint}")
-
-
-def mlp_parameter_names(model: nn.Module, layers: list[int] | None = None) -> list[str]:
-    """Names of the MLP weight matrices of the given blocks (GPT-2 and LLaMA layouts).
-
-    Args:
-        model: A ``GPT2LMHeadModel``- or ``LlamaForCausalLM``-like model.
-        layers: Block indices (negative counts from the end); defaults to all blocks.
-
-    Returns:
-        E.g. ``["transformer.h.1.mlp.c_fc.weight", "transformer.h.1.mlp.c_proj.weight"]``.
-
-    Raises:
-        ValueError: for an architecture whose MLP layout is not known.
-    """
-    names = [n for n, _ in model.named_parameters()]
-    if any(".mlp.c_fc.weight" in n for n in names):
-        prefix, parts = "transformer.h.{}.mlp.", ("c_fc", "c_proj")
-    elif any(".mlp.gate_proj.weight" in n for n in names):
-        prefix, parts = "model.layers.{}.mlp.", ("gate_proj", "up_proj", "down_proj")
-    else:
-        raise ValueError(
-            f"unknown MLP layout for {type(model).__name__}: name the parameters explicitly"
-        )
-    n_layers = model.config.num_hidden_layers
-    chosen = range(n_layers) if layers is None else [i % n_layers for i in layers]
-    return [prefix.format(i) + p + ".weight" for i in chosen for p in parts]

@@ -9,17 +9,15 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
+from lit_edit.editor import Editor
 from lit_edit.metrics.accuracy import record_agreement, record_exact_match, record_token_accuracy
 from lit_edit.metrics.counterfact import CounterFactRecordScores, contrast
 from lit_edit.metrics.fluency import ngram_entropy
 from lit_edit.protocols import EditingProtocol, SingleEdit
 from lit_edit.records import EditRecord, QAPair
 from lit_edit.scoring import GeneratedAnswer, PairScore, Scorer
-
-if TYPE_CHECKING:
-    from lit_edit.methods.base import EditorModule
 
 
 class Evaluation:
@@ -115,7 +113,7 @@ class RecordMeasure:
             ``"portability"`` (grouped), when exact match is on.
         fluency_text: The fluency generation, when fluency is on.
         counterfact: The CounterFact contrasts, when on and the record has a ground truth.
-        extra: Method-specific values (:meth:`EditorModule.record_values`), e.g. retrieval hits.
+        extra: Method-specific values (:meth:`Editor.record_values`), e.g. retrieval hits.
     """
 
     edit: PairScore
@@ -138,7 +136,7 @@ class RecordEvaluator:
     def __init__(self, settings: Evaluation) -> None:
         self.settings = settings
 
-    def measure(self, editor: EditorModule, records: Sequence[EditRecord]) -> list[RecordMeasure]:
+    def measure(self, editor: Editor, records: Sequence[EditRecord]) -> list[RecordMeasure]:
         """Score every pair of every record (and generate, if configured) in batched calls.
 
         Args:
@@ -216,7 +214,7 @@ class RecordEvaluator:
 
     @staticmethod
     def _add_answers(
-        editor: EditorModule, records: Sequence[EditRecord], measures: list[RecordMeasure]
+        editor: Editor, records: Sequence[EditRecord], measures: list[RecordMeasure]
     ) -> None:
         """Greedy answers of the edit, rephrase and portability pairs, in one batched call."""
         pairs: list[QAPair] = []

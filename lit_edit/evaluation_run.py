@@ -9,13 +9,14 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torchmetrics import Metric
 
 from lit_edit.conflicts import first_conflicts
 from lit_edit.editing import ParameterSnapshot
+from lit_edit.editor import Editor
 from lit_edit.evaluation import Evaluation, RecordEvaluator, RecordMeasure
 from lit_edit.metrics import (
     CounterFactScores,
@@ -27,9 +28,6 @@ from lit_edit.metrics import (
 )
 from lit_edit.protocols import RecordResult
 from lit_edit.records import EditRecord
-
-if TYPE_CHECKING:
-    from lit_edit.methods.base import EditorModule
 
 #: (metric, update from the pre- and post-edit measures of a list of records)
 _Entry = tuple[Metric, Callable[[list[RecordMeasure], list[RecordMeasure]], None]]
@@ -68,6 +66,7 @@ class EvaluationRun:
         self.results: list[RecordResult] = []
         self.n_edited = 0
         self._pending: list[EditRecord] = []
+        self._extra_keys: dict[str, None] = {}  # the editor's record_values keys, in order
         self._group = 0
         self._entries = self._make_metrics()
         for metric, _ in self._entries.values():
@@ -133,7 +132,7 @@ class EvaluationRun:
         """The metric objects by name (``counterfact`` computes a dict of scores)."""
         return {name: metric for name, (metric, _) in self._entries.items()}
 
-    def add(self, editor: EditorModule, records: Sequence[EditRecord]) -> list[dict[str, float]]:
+    def add(self, editor: Editor, records: Sequence[EditRecord]) -> list[dict[str, float]]:
         """Queue records and run the protocol on every complete group.
 
         Returns:
@@ -147,14 +146,14 @@ class EvaluationRun:
             means.append(self._run_group(editor, group))
         return means
 
-    def flush(self, editor: EditorModule) -> list[dict[str, float]]:
+    def flush(self, editor: Editor) -> list[dict[str, float]]:
         """Run the protocol on the last, incomplete group (if any)."""
         if not self._pending:
             return []
         group, self._pending = self._pending, []
         return [self._run_group(editor, group)]
 
-    def _run_group(self, editor: EditorModule, records: list[EditRecord]) -> dict[str, float]:
+    def _run_group(self, editor: Editor, records: list[EditRecord]) -> dict[str, float]:
         """Run the protocol on one group, verify the restore, update metrics and results."""
         with torch.inference_mode(False):
             results = self.protocol.run(
@@ -173,6 +172,8 @@ class EvaluationRun:
             self._exclude_conflicts(records, results)
         pre = [r.pre_measure for r in results]
         post = [r.post_measure for r in results]
+        for m in post:
+            self._extra_keys.update(dict.fromkeys(m.extra))
         for _, update in self._entries.values():
             update(pre, post)
         for r in results:  # keep the values, drop the raw scores
@@ -220,6 +221,15 @@ class EvaluationRun:
                 del r.post[key]
             r.post.update(self.evaluator.locality_values(r.pre_measure, r.post_measure))
 
+    def extra_means(self) -> dict[str, float]:
+        """This process's mean of every method-specific value (``Editor.record_values``)."""
+        out = {}
+        for key in self._extra_keys:
+            values = [r.post[key] for r in self.results if r.post.get(key) is not None]
+            if values:
+                out[key] = sum(values) / len(values)
+        return out
+
     def rows(self) -> list[dict[str, Any]]:
         """This process's per-record rows (``records.jsonl`` lines)."""
         return [r.to_row() for r in self.results]
@@ -236,7 +246,7 @@ class EvaluationRun:
                 out[name] = _finite(value)
         return out
 
-    def summary(self, editor: EditorModule, rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    def summary(self, editor: Editor, rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
         """The content of ``summary.json``.
 
         One key per post-edit metric, then pre-edit values, per-group breakdowns, counts, the
@@ -272,7 +282,9 @@ class EvaluationRun:
             "protocol": self.protocol.describe(),
             "settings": self.settings.describe(),
             "method": f"{type(editor).__module__}.{type(editor).__qualname__}",
-            "hyper_parameters": {k: _jsonable(v) for k, v in dict(editor.hparams).items()},
+            "hyper_parameters": {
+                k: _jsonable(v) for k, v in dict(getattr(editor, "hparams", {})).items()
+            },
         }
 
 

@@ -13,11 +13,11 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 from lit_edit.editing import HandleStack
+from lit_edit.editor import Editor, apply_edit
 from lit_edit.records import EditRecord
 
 if TYPE_CHECKING:
     from lit_edit.evaluation import RecordEvaluator, RecordMeasure
-    from lit_edit.methods.base import EditorModule
 
 
 @dataclass
@@ -72,7 +72,7 @@ class EditingProtocol(ABC):
     @abstractmethod
     def run(
         self,
-        editor: EditorModule,
+        editor: Editor,
         records: Sequence[EditRecord],
         evaluator: RecordEvaluator,
         group: int,
@@ -94,6 +94,16 @@ class EditingProtocol(ABC):
     @abstractmethod
     def describe(self) -> dict[str, Any]:
         """The protocol's name and settings, for summaries."""
+
+    def check(self, editor: Editor) -> None:
+        """Fail before any work if ``editor`` cannot run under this protocol.
+
+        Every editor can by default.
+
+        Raises:
+            ValueError: naming the editor, the protocol and what to use instead.
+        """
+        return None
 
     @staticmethod
     def _results(
@@ -149,7 +159,7 @@ class SingleEdit(EditingProtocol):
         pre = evaluator.measure(editor, records)
         post = []
         for record in records:
-            with editor.edit([record]):
+            with apply_edit(editor, [record]):
                 _tick(progress, 1)
                 post.extend(evaluator.measure(editor, [record]))
         n = len(records)
@@ -177,10 +187,20 @@ class BatchEdit(EditingProtocol):
         """Records consumed at a time (the batch size)."""
         return self.batch_size
 
+    def check(self, editor: Editor) -> None:
+        """Refuse an editor that takes fewer edits per call than ``batch_size``."""
+        limit = getattr(editor, "max_edits_per_call", None)
+        if limit is not None and limit < self.batch_size:
+            raise ValueError(
+                f"{type(editor).__name__} applies at most {limit} edit(s) at a time; the batch "
+                f"protocol applies {self.batch_size} together: use "
+                "lit_edit.protocols.SingleEdit or SequentialEdit"
+            )
+
     def run(self, editor, records, evaluator, group, progress=None):
         """Edit all records at once, score, restore (see :meth:`EditingProtocol.run`)."""
         pre = evaluator.measure(editor, records)
-        with editor.edit(list(records)):
+        with apply_edit(editor, list(records)):
             _tick(progress, len(records))
             post = evaluator.measure(editor, records)
         n = len(records)
@@ -223,7 +243,7 @@ class SequentialEdit(EditingProtocol):
         post = []
         with HandleStack() as stack:
             for record in records:
-                stack.push(editor.edit([record]))
+                stack.push(apply_edit(editor, [record]))
                 _tick(progress, 1)
                 if self.evaluate == "after_each":
                     post.extend(evaluator.measure(editor, [record]))

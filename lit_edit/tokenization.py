@@ -14,6 +14,9 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedTokenizerBase
 
+#: Label of a position that is not scored (prompt, padding): ignored by every loss.
+IGNORE_INDEX = -100
+
 
 @dataclass(frozen=True)
 class EncodedPair:
@@ -188,3 +191,27 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
         ``[B, L]`` position ids (0 on padding positions).
     """
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def stack_right_padded(
+    batches: Sequence[dict[str, torch.Tensor]], pad_id: int
+) -> tuple[dict[str, torch.Tensor], list[int]]:
+    """Stack right-padded ``input_ids``/``attention_mask``/``labels`` batches into one.
+
+    Args:
+        batches: Right-padded batches (e.g. from :class:`~lit_edit.data.collate.PairCollator`).
+        pad_id: Token id written into new padding.
+
+    Returns:
+        The stacked batch (``[sum B_i, max L_i]``) and the row count of each input batch.
+    """
+    width = max(b["input_ids"].shape[1] for b in batches)
+    fill = {"input_ids": pad_id, "attention_mask": 0, "labels": IGNORE_INDEX}
+    out = {}
+    for key, value in fill.items():
+        parts = [
+            torch.nn.functional.pad(b[key], (0, width - b[key].shape[1]), value=value)
+            for b in batches
+        ]  # each [B_i, width]
+        out[key] = torch.cat(parts, dim=0)
+    return out, [b["input_ids"].shape[0] for b in batches]

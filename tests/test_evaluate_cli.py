@@ -114,9 +114,9 @@ def test_ft_edit_raises_the_target_probability(tiny_records):
 def test_ike_puts_the_fact_in_context_and_forgets_it_on_restore(tiny_records):
     editor = IKEEditor()
     record = tiny_records[0]
-    assert editor.contextualise("Q?") == "Q?"
+    assert editor.contextualise(["Q?"]) == ["Q?"]
     with editor.edit([record]):
-        assert editor.contextualise("Q?") == f"New Fact: {record.fact}\nPrompt: Q?"
+        assert editor.contextualise(["Q?"]) == [f"New Fact: {record.fact}\nPrompt: Q?"]
         in_context = editor.score_pairs([record.edit_pair])[0]
     assert editor.memory == []
     bare = editor.score_pairs([record.edit_pair])[0]

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from lit_edit.cli import LitEditCLI, evaluate_main, train_main
-from lit_edit.data.collate import IGNORE_INDEX
 from lit_edit.methods.lte import LTEEditor, default_lora_targets
 from lit_edit.records import EditRecord, QAPair
+from lit_edit.tokenization import IGNORE_INDEX
 
 BACKBONE = os.environ.get("LIT_EDIT_TEST_BACKBONE", "tinyfacts")
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "lte"

@@ -262,9 +262,9 @@ def test_cache_hit_returns_the_same_model_without_training(
     # another setting is another key (and would build)
     other = TinyLMConfig(**{**TINY_LM.to_dict(), "lr": 1e-3})
     assert cache_module.model_dir(SMALL, other, cache) != path
-    # the thread count does not change the key
-    threads = TinyLMConfig(**{**TINY_LM.to_dict(), "num_threads": 1})
-    assert cache_module.model_dir(SMALL, threads, cache) == path
+    # the thread count changes the trained weights, so it is part of the key
+    threads = TinyLMConfig(**{**TINY_LM.to_dict(), "num_threads": 2})
+    assert cache_module.model_dir(SMALL, threads, cache) != path
 
 
 def test_concurrent_builds_build_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -290,12 +290,65 @@ def test_concurrent_builds_build_once(tmp_path: Path, monkeypatch: pytest.Monkey
     assert leftovers == []
 
 
-def test_training_is_deterministic(tmp_path: Path) -> None:
-    config = TinyLMConfig(**{**TINY_LM.to_dict(), "max_epochs": 2, "num_threads": 1})
-    dirs = [build_tiny_model(SMALL, config, cache_dir=tmp_path / name) for name in "ab"]
+def test_builds_do_not_depend_on_the_callers_threads(tmp_path: Path) -> None:
+    """Two builds, one called with 1 torch thread and one with 2, give identical weights."""
+    config = TinyLMConfig(**{**TINY_LM.to_dict(), "max_epochs": 2})
+    assert config.num_threads == 1  # a fixed default, not the machine's load
+    before = torch.get_num_threads()
+    dirs = []
+    try:
+        for name, outer in (("a", 1), ("b", 2)):
+            torch.set_num_threads(outer)
+            dirs.append(build_tiny_model(SMALL, config, cache_dir=tmp_path / name))
+            assert torch.get_num_threads() == outer  # the caller's setting is given back
+    finally:
+        torch.set_num_threads(before)
     a, b = (AutoModelForCausalLM.from_pretrained(d).state_dict() for d in dirs)
+    assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert load_metrics(dirs[0])["accuracy"] == load_metrics(dirs[1])["accuracy"]
+    metrics = [load_metrics(d) for d in dirs]
+    assert metrics[0]["accuracy"] == metrics[1]["accuracy"]
+    assert metrics[0]["num_threads"] == 1
+
+
+def test_build_records_versions_and_warns_once_on_a_mismatch(
+    built: tuple[Path, Path], tmp_path: Path
+) -> None:
+    import shutil
+    import warnings
+
+    from lit_edit.world import TinyFactsVersionWarning, check_versions, library_versions
+
+    _, path = built
+    recorded = load_metrics(path)["versions"]
+    assert recorded == library_versions()
+    assert {"torch", "transformers", "tokenizers"} <= set(recorded)
+    assert check_versions(path) == {}
+    copy = tmp_path / "old"
+    shutil.copytree(path, copy)
+    metrics = json.loads((copy / "metrics.json").read_text())
+    metrics["versions"]["transformers"] = "0.0.1"
+    (copy / "metrics.json").write_text(json.dumps(metrics))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        for _ in range(3):
+            differ = check_versions(copy)
+    assert differ == {"transformers": ("0.0.1", recorded["transformers"])}
+    found = [w for w in caught if issubclass(w.category, TinyFactsVersionWarning)]
+    assert len(found) == 1 and "transformers 0.0.1" in str(found[0].message)
+
+
+def test_seeded_names() -> None:
+    from lit_edit.world import named_configs
+
+    world, model = named_configs("tinyfacts-seed2")
+    assert world.seed == 2 and model.seed == 2 and model.arch == "gpt2"
+    assert named_configs("tinyfacts") == (WorldConfig(), TinyLMConfig())
+    assert named_configs("tinyfacts-seed0") == named_configs("tinyfacts")
+    world, model = named_configs("tinyfacts-llama-seed1")
+    assert world.seed == 1 and model.arch == "llama"
+    with pytest.raises(ValueError, match="-seed<N>"):
+        named_configs("tinyfacts-seedx")
 
 
 def test_llama_variant_builds(world: World) -> None:

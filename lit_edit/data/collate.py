@@ -15,10 +15,13 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from lit_edit.records import EditRecord, QAPair
-from lit_edit.tokenization import EncodedPair, encode_pair, pad_sequences, pad_token_id
-
-IGNORE_INDEX = -100
-"""Label value of positions that are not scored (prompt and padding)."""
+from lit_edit.tokenization import (
+    IGNORE_INDEX,
+    EncodedPair,
+    encode_pair,
+    pad_sequences,
+    pad_token_id,
+)
 
 
 def collate_records(batch: Sequence[EditRecord]) -> list[EditRecord]:

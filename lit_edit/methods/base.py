@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from abc import abstractmethod
+from abc import ABCMeta, abstractmethod
 from collections.abc import Sequence
 from typing import Any
 
@@ -12,44 +12,48 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from lit_edit.backbone import load_causal_lm, load_tokenizer
-from lit_edit.editing import EditHandle, ParameterSnapshot
+from lit_edit.editing import EditHandle
 from lit_edit.evaluation import Evaluation
-from lit_edit.evaluation_run import EvaluationRun
 from lit_edit.records import EditRecord, QAPair
 from lit_edit.scoring import GeneratedAnswer, Generation, PairScore
 
 log = logging.getLogger(__name__)
 
 
-def _records_per_rank(loaders: Any) -> int | None:
-    """Records this process will see in the test loaders (``None`` when unknown)."""
-    if loaders is None:
-        return None
-    loaders = list(loaders) if isinstance(loaders, (list, tuple)) else [loaders]
-    try:
-        return sum(len(dl.sampler) for dl in loaders)  # a DistributedSampler counts one rank
-    except (TypeError, AttributeError):
-        return None
+class _EditorMeta(ABCMeta, type(L.LightningModule)):
+    """ABCMeta on top of LightningModule's metaclass, so that ``edit`` must be implemented."""
 
 
-class EditorModule(L.LightningModule):
-    """Base class of every knowledge editor.
+class EditorModule(L.LightningModule, metaclass=_EditorMeta):
+    """Base class of every knowledge editor (the contract: :class:`~lit_edit.editor.Editor`).
 
     A subclass implements :meth:`edit` (apply edits, return a handle that restores them
-    bit-exactly), and ``training_step``/``configure_optimizers`` if it learns anything. Lightning's
-    ``test`` runs an editing protocol (:mod:`lit_edit.protocols`) chosen by the ``evaluation``
-    settings; the scores go to torchmetrics metrics, TensorBoard and a results folder.
+    bit-exactly; a class without it cannot be instantiated), and ``training_step`` /
+    ``configure_optimizers`` if it learns anything. Methods that answer from a prompt with the
+    edit in it (IKE, LTE) override the one hook :meth:`contextualise`; methods that answer
+    through something else than the backbone (SERAC's counterfactual model) override
+    :meth:`score_pairs` and :meth:`generate_answers`. A method that takes one edit at a time
+    sets :attr:`max_edits_per_call` to 1. Lightning's ``test`` runs the editing evaluation
+    (:class:`~lit_edit.evaluation_loop.EvaluationLoop`, added as a callback), with the
+    protocol and settings of :attr:`evaluation`.
 
-    Checkpoints hold what the method learned, not the frozen backbone: parameters under
-    ``model.`` are left out unless :meth:`saves_backbone` says otherwise.
+    Checkpoints hold what the method learned (:meth:`learned_state_keys`), not the frozen
+    backbone.
 
     Args:
         backbone: Model to edit: ``"tinyfacts"`` (the embedded default), ``"tinyfacts-llama"``,
-            a local directory or a Hugging Face hub name.
+            ``"tinyfacts-seed<N>"`` (another world), a local directory or a Hugging Face hub name.
         dtype: Weights dtype: ``"float32"``, ``"bfloat16"`` or ``"float16"``.
         trust_remote_code: Allow code shipped with a hub model to run (off by default).
         revision: Hub revision of the backbone to pin.
+
+    Attributes:
+        max_edits_per_call: Most records one :meth:`edit` accepts (``None``: any number).
+        evaluation: The evaluation settings ``test`` uses (the CLI sets them from its
+            ``evaluation:`` section).
     """
+
+    max_edits_per_call: int | None = None
 
     def __init__(
         self,
@@ -68,26 +72,47 @@ class EditorModule(L.LightningModule):
         )
         self.model.requires_grad_(False)
         self.evaluation = Evaluation()
-        self._run: EvaluationRun | None = None
-        self._bar: Any = None
 
     # ------------------------------------------------------------------ the editing contract
     @abstractmethod
     def edit(self, records: Sequence[EditRecord]) -> EditHandle:
         """Apply the edits of ``records`` together.
 
+        The protocols call it with grad enabled, outside inference mode
+        (:func:`~lit_edit.editor.apply_edit`).
+
         Args:
-            records: One or more edit records.
+            records: One or more edit records (at most :attr:`max_edits_per_call`).
 
         Returns:
             A handle whose ``restore()`` brings the editor back bit-exactly.
         """
 
+    def contextualise(self, prompts: Sequence[str]) -> list[str]:
+        """The prompts the backbone is given for ``prompts`` under the current state.
+
+        The identity by default; in-context methods put the edits in effect in front.
+        :meth:`score_pairs` and :meth:`generate_answers` go through it; fluency samples
+        (:meth:`sample`) do not (KnowEdit and LTE sample from the bare prompt).
+
+        Args:
+            prompts: Questions or sentence beginnings.
+
+        Returns:
+            One prompt per input, in order.
+        """
+        return list(prompts)
+
+    def _contextualised(self, pairs: Sequence[QAPair]) -> list[QAPair]:
+        """The pairs with their prompts through :meth:`contextualise`."""
+        prompts = self.contextualise([p.prompt for p in pairs])
+        return [
+            pair if prompt == pair.prompt else QAPair(prompt, pair.answer, pair.aliases)
+            for prompt, pair in zip(prompts, pairs, strict=True)
+        ]
+
     def score_pairs(self, pairs: Sequence[QAPair]) -> list[PairScore]:
         """Teacher-forced scores of ``pairs`` under the editor's current state.
-
-        Methods that answer through something else than the backbone's weights (a context, a
-        retrieved fact, a counterfactual model) override this.
 
         Args:
             pairs: (prompt, answer) pairs.
@@ -95,12 +120,12 @@ class EditorModule(L.LightningModule):
         Returns:
             One score per pair, in order.
         """
-        return self.evaluation.scorer().score(self.model, self.tokenizer, pairs)
+        return self.evaluation.scorer().score(
+            self.model, self.tokenizer, self._contextualised(pairs)
+        )
 
     def generate_answers(self, pairs: Sequence[QAPair]) -> list[GeneratedAnswer]:
         """Greedy continuations of the pairs' prompts (exact match) under the current state.
-
-        Methods that override :meth:`score_pairs` override this the same way.
 
         Args:
             pairs: (prompt, answer) pairs; the answer and its aliases set the lengths.
@@ -108,14 +133,17 @@ class EditorModule(L.LightningModule):
         Returns:
             One generated answer per pair, in order.
         """
-        return self.evaluation.scorer().generate_answers(self.model, self.tokenizer, pairs)
+        return self.evaluation.scorer().generate_answers(
+            self.model, self.tokenizer, self._contextualised(pairs)
+        )
 
     def record_values(self, records: Sequence[EditRecord]) -> list[dict[str, float | None]]:
         """Method-specific values of each record under the current state (none by default).
 
         Called by the evaluator right after scoring ``records``; the values join each record's
-        metric values in ``records.jsonl`` (keys with a ``/`` are also averaged in the summary's
-        ``breakdown``). E.g. LTE's retrieval hit rates.
+        metric values in ``records.jsonl``, their means are logged as ``test/<key>`` (``/`` as
+        ``_``), and keys with a ``/`` are averaged in the summary's ``breakdown``. E.g. LTE's
+        retrieval hit rates.
 
         Args:
             records: The records just scored.
@@ -141,20 +169,41 @@ class EditorModule(L.LightningModule):
         )
 
     # ------------------------------------------------------------------ checkpoints
-    def saves_backbone(self) -> bool:
-        """Whether checkpoints include the backbone's weights (only if the method trains them)."""
-        return False
+    def learned_state_keys(self) -> set[str]:
+        """The ``state_dict`` keys a checkpoint keeps: what the method learned.
+
+        By default: every tensor outside the backbone, and the backbone's parameters that
+        require grad (those the method trains: LTE's full fine-tuning, LoRA adapters). The
+        frozen backbone is left out, and is re-inserted from the loaded backbone on load. A
+        method with learned state inside the backbone that does not require grad (WISE's side
+        memory) adds its keys here.
+
+        Returns:
+            The keys to save.
+        """
+        model = self.model
+        frozen = {  # tied weights (lm_head = wte) appear under every name
+            f"model.{n}"
+            for n, p in model.named_parameters(remove_duplicate=False)
+            if not p.requires_grad
+        }
+        frozen |= {f"model.{n}" for n, _ in model.named_buffers(remove_duplicate=False)}
+        return {k for k in self.state_dict() if k not in frozen}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Drop the frozen backbone from the checkpoint and record the writing class."""
-        if not self.saves_backbone():
-            state = checkpoint["state_dict"]
-            for key in [k for k in state if k.startswith("model.")]:
-                del state[key]
+        """Keep only :meth:`learned_state_keys` and record the writing class."""
+        keep = self.learned_state_keys()
+        state = checkpoint["state_dict"]
+        for key in [k for k in state if k not in keep]:
+            del state[key]
         checkpoint["lit_edit_class"] = f"{type(self).__module__}.{type(self).__qualname__}"
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Check the checkpoint was written by this class and re-insert the backbone's weights."""
+        """Check the checkpoint was written by this class and re-insert what it left out.
+
+        Raises:
+            TypeError: if another editor class wrote the checkpoint.
+        """
         written_by = checkpoint.get("lit_edit_class")
         mine = f"{type(self).__module__}.{type(self).__qualname__}"
         if written_by is not None and written_by != mine:
@@ -162,62 +211,21 @@ class EditorModule(L.LightningModule):
                 f"checkpoint was written by {written_by}; it cannot be loaded into {mine}"
             )
         state = checkpoint["state_dict"]
+        learned = self.learned_state_keys()
         for key, value in self.state_dict().items():
-            if key.startswith("model.") and key not in state:
+            if key not in state and key not in learned:
                 state[key] = value
 
-    # ------------------------------------------------------------------ the test loop
+    # ------------------------------------------------------------------ Lightning plumbing
     def configure_callbacks(self) -> list[Callback]:
-        """Add the results writer (records.jsonl, summary.json, table, plot) to the trainer."""
-        from lit_edit.callbacks import ResultsWriter
+        """Add the editing evaluation of ``test`` (:class:`EvaluationLoop`) to the trainer."""
+        from lit_edit.evaluation_loop import EvaluationLoop
 
-        return [ResultsWriter()]
-
-    def on_test_start(self) -> None:
-        """Start an evaluation run: fresh metrics, results and (optionally) a weight snapshot."""
-        snapshot = ParameterSnapshot(self) if self.evaluation.verify_restore else None
-        self._bar = None
-        if self.trainer.progress_bar_callback is not None and self.trainer.is_global_zero:
-            from tqdm.auto import tqdm
-
-            total = _records_per_rank(self.trainer.test_dataloaders)
-            self._bar = tqdm(total=total, desc="edits", unit="edit", dynamic_ncols=True)
-        progress = self._bar.update if self._bar is not None else None
-        self._run = EvaluationRun(
-            self.evaluation, snapshot=snapshot, device=self.device, progress=progress
-        )
+        return [EvaluationLoop()]
 
     def test_step(self, batch: list[EditRecord], batch_idx: int) -> None:
-        """Queue the batch's records and run the protocol on every complete group."""
-        assert self._run is not None
-        for metrics in self._run.add(self, batch):
-            self._log_group(metrics)
-
-    def on_test_epoch_end(self) -> None:
-        """Run the last incomplete group and log the aggregated metrics."""
-        assert self._run is not None
-        for metrics in self._run.flush(self):
-            self._log_group(metrics)
-        values = {f"test/{k}": v for k, v in self._run.computed().items() if v is not None}
-        self.log_dict(values, sync_dist=False, batch_size=1)
-        if self._bar is not None:
-            self._bar.close()
-            self._bar = None
-
-    def _log_group(self, values: dict[str, float]) -> None:
-        """Log one group's means as TensorBoard scalars indexed by the number of edits so far."""
-        if self.logger is None or self.trainer.global_rank != 0:
-            return
-        experiment = getattr(self.logger, "experiment", None)
-        if experiment is None or not hasattr(experiment, "add_scalar"):
-            return
-        for name, value in values.items():
-            experiment.add_scalar(f"test_groups/{name}", value, global_step=self._run.n_edited)
-
-    @property
-    def evaluation_run(self) -> EvaluationRun | None:
-        """The current (or last) evaluation run, read by the results writer."""
-        return self._run
+        """Nothing: the :class:`~lit_edit.evaluation_loop.EvaluationLoop` edits and scores."""
+        return None
 
     def transfer_batch_to_device(
         self, batch: Any, device: torch.device, dataloader_idx: int

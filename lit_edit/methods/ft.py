@@ -7,11 +7,15 @@ from typing import Literal
 
 import torch
 
-from lit_edit.backbone import find_parameter, mlp_parameter_names
+from lit_edit.backbone import find_parameter
 from lit_edit.data.collate import PairCollator
 from lit_edit.editing import EditHandle, WeightsHandle
 from lit_edit.methods.base import EditorModule
+from lit_edit.nn.edit_optim import optimise
+from lit_edit.nn.layout import mlp_out_name
+from lit_edit.nn.losses import masked_nll
 from lit_edit.records import EditRecord
+from lit_edit.tokenization import IGNORE_INDEX
 
 
 class FTEditor(EditorModule):
@@ -63,9 +67,7 @@ class FTEditor(EditorModule):
             raise ValueError(f"objective must be 'masked' or 'prompt_last', got {objective!r}")
         if steps < 1:
             raise ValueError(f"steps must be >= 1, got {steps}")
-        names = inner_params or [
-            n for n in mlp_parameter_names(self.model, [-1]) if "c_proj" in n or "down_proj" in n
-        ]
+        names = inner_params or [f"{mlp_out_name(self.model, -1)}.weight"]
         self.inner_names = list(names)
         self.inner = [find_parameter(self.model, n) for n in self.inner_names]
         self.objective = objective
@@ -85,31 +87,18 @@ class FTEditor(EditorModule):
             A handle restoring the inner parameters bit-exactly.
         """
         handle = WeightsHandle(self.inner)
-        originals = [p.detach().clone() for p in self.inner]
         collate = PairCollator(self.tokenizer, padding_side="right")
         batch = collate([r.edit_pair for r in records])
         batch = {k: v.to(self.device) for k, v in batch.items() if torch.is_tensor(v)}
-        with torch.inference_mode(False), torch.enable_grad():
-            for p in self.inner:
-                p.requires_grad_(True)
-            opt = torch.optim.Adam(self.inner, lr=self.lr, weight_decay=self.weight_decay)
-            try:
-                for _ in range(self.steps):
-                    opt.zero_grad(set_to_none=True)
-                    loss = self._loss(batch)
-                    if self.early_stop_loss is not None and loss.item() < self.early_stop_loss:
-                        break
-                    loss.backward()
-                    opt.step()
-                    if self.norm_constraint is not None:
-                        with torch.no_grad():
-                            c = self.norm_constraint
-                            for p, p0 in zip(self.inner, originals, strict=True):
-                                p.copy_(torch.minimum(torch.maximum(p, p0 - c), p0 + c))
-            finally:
-                for p in self.inner:
-                    p.requires_grad_(False)
-                    p.grad = None
+        optimise(
+            self.inner,
+            lambda: self._loss(batch),
+            self.steps,
+            self.lr,
+            weight_decay=self.weight_decay,
+            stop_below=self.early_stop_loss,
+            linf_radius=self.norm_constraint,
+        )
         return handle
 
     def _loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -118,12 +107,11 @@ class FTEditor(EditorModule):
             input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
         ).logits  # [B, L, V]
         labels = batch["labels"]  # [B, L], -100 outside the answers
+        if self.objective == "masked":
+            return masked_nll(logits, labels)
         logp = logits[:, :-1].float().log_softmax(-1)  # [B, L-1, V] predicts tokens 1..L-1
         target = labels[:, 1:]  # [B, L-1]
-        mask = target != -100
-        if self.objective == "masked":
-            picked = logp.gather(-1, target.clamp(min=0)[..., None]).squeeze(-1)  # [B, L-1]
-            return -(picked * mask).sum() / mask.sum()
+        mask = target != IGNORE_INDEX
         # prompt_last: all target tokens scored at the position predicting the first one
         first = mask.float().argmax(-1)  # [B] index of the first answer label
         rows = torch.arange(labels.shape[0], device=labels.device)

@@ -6,8 +6,7 @@ from collections.abc import Sequence
 
 from lit_edit.editing import CallbackHandle, EditHandle
 from lit_edit.methods.base import EditorModule
-from lit_edit.records import EditRecord, QAPair
-from lit_edit.scoring import GeneratedAnswer, PairScore
+from lit_edit.records import EditRecord
 
 
 class IKEEditor(EditorModule):
@@ -66,20 +65,9 @@ class IKEEditor(EditorModule):
 
         return CallbackHandle(undo)
 
-    def contextualise(self, prompt: str) -> str:
-        """The prompt with the memory's facts in front (the bare prompt when memory is empty)."""
+    def contextualise(self, prompts: Sequence[str]) -> list[str]:
+        """The prompts with the memory's facts in front (the bare prompts when memory is empty)."""
         if not self.memory:
-            return prompt
+            return list(prompts)
         facts = "\n".join(self.memory[-self.max_facts :])
-        return self.template.format(facts=facts, prompt=prompt)
-
-    def _in_context(self, pairs: Sequence[QAPair]) -> list[QAPair]:
-        return [QAPair(self.contextualise(p.prompt), p.answer, p.aliases) for p in pairs]
-
-    def score_pairs(self, pairs: Sequence[QAPair]) -> list[PairScore]:
-        """Score the pairs with the memory's facts in context."""
-        return super().score_pairs(self._in_context(pairs))
-
-    def generate_answers(self, pairs: Sequence[QAPair]) -> list[GeneratedAnswer]:
-        """Greedy answers with the memory's facts in context."""
-        return super().generate_answers(self._in_context(pairs))
+        return [self.template.format(facts=facts, prompt=p) for p in prompts]

@@ -10,7 +10,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from lit_edit.data.collate import IGNORE_INDEX, PairCollator
+from lit_edit.data.collate import PairCollator
 from lit_edit.methods.base import EditorModule
 from lit_edit.methods.lte_editing import RetrievalEditing
 from lit_edit.nn.lte_lora import default_lora_targets, with_lora
@@ -22,7 +22,7 @@ from lit_edit.nn.scope import ScopeHead
 from lit_edit.nn.scope_training import ScopeTrainer
 from lit_edit.records import QAPair
 from lit_edit.schedules import warmup_cosine
-from lit_edit.tokenization import pad_sequences, pad_token_id
+from lit_edit.tokenization import IGNORE_INDEX, pad_sequences, pad_token_id
 
 log = logging.getLogger(__name__)
 
@@ -354,21 +354,6 @@ class LTEEditor(RetrievalEditing, EditorModule):
         return [g.text.strip() for g in gens]
 
     # ------------------------------------------------------------------ checkpoints
-    def saves_backbone(self) -> bool:
-        """Full fine-tuning saves the aligned weights; LoRA saves only its adapters."""
-        return self.finetune == "full"
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Keep the LoRA adapters (and ``modules_to_save``) when the backbone is left out."""
-        state = checkpoint["state_dict"]
-        trained = {
-            k: v
-            for k, v in state.items()
-            if k.startswith("model.") and ("lora_" in k or "modules_to_save" in k)
-        }
-        super().on_save_checkpoint(checkpoint)
-        state.update(trained)
-
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Match the checkpoint's scope head to this editor's ``scope`` setting.
 

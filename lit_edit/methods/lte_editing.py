@@ -7,8 +7,7 @@ from collections.abc import Sequence
 from lit_edit.editing import CallbackHandle, EditHandle
 from lit_edit.nn.lte_templates import edit_prompt
 from lit_edit.nn.retrieval import Retriever, load_encoder
-from lit_edit.records import EditRecord, QAPair
-from lit_edit.scoring import GeneratedAnswer, PairScore
+from lit_edit.records import EditRecord
 
 
 class RetrievalEditing:
@@ -60,18 +59,6 @@ class RetrievalEditing:
             out.append(self.wrap(edit_prompt(facts, q, self.template) if facts else q))
         return out
 
-    def _in_context(self, pairs: Sequence[QAPair]) -> list[QAPair]:
-        prompts = self.contextualise([p.prompt for p in pairs])
-        return [QAPair(c, p.answer, p.aliases) for c, p in zip(prompts, pairs, strict=True)]
-
-    def score_pairs(self, pairs: Sequence[QAPair]) -> list[PairScore]:
-        """Score the pairs with their retrieved facts in the template."""
-        return super().score_pairs(self._in_context(pairs))
-
-    def generate_answers(self, pairs: Sequence[QAPair]) -> list[GeneratedAnswer]:
-        """Greedy answers with the retrieved facts in the template."""
-        return super().generate_answers(self._in_context(pairs))
-
     def record_values(self, records: Sequence[EditRecord]) -> list[dict[str, float | None]]:
         """Retrieval hit rates of each record's in-scope queries (edit, rephrases, portability).
 
@@ -97,13 +84,3 @@ class RetrievalEditing:
                 "retrieval/hit@k": sum(topk) / len(qs),
             })
         return out
-
-    def on_test_epoch_end(self) -> None:
-        """Log the mean retrieval hit rates beside the editing metrics."""
-        super().on_test_epoch_end()
-        assert self._run is not None
-        for key in ("retrieval/hit@1", "retrieval/hit@k"):
-            values = [r.post[key] for r in self._run.results if r.post.get(key) is not None]
-            if values:
-                name = "test/" + key.replace("/", "_")
-                self.log(name, sum(values) / len(values), batch_size=1)

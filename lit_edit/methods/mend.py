@@ -8,22 +8,17 @@ from typing import Any, Literal
 import torch
 from torch.func import functional_call
 
-from lit_edit.backbone import find_module, find_parameter, mlp_parameter_names
+from lit_edit.backbone import find_module, find_parameter
 from lit_edit.data.collate import EditCollator
 from lit_edit.data.transfer import move_batch_to_device
 from lit_edit.editing import EditHandle, WeightsHandle
 from lit_edit.methods.base import EditorModule
-from lit_edit.nn.mend import MENDNetwork, describe_matrix
-from lit_edit.nn.mend_hooks import capture_factors
-from lit_edit.nn.mend_losses import (
-    agreement,
-    locality_kl,
-    masked_nll,
-    stack_right_padded,
-    token_accuracy,
-)
+from lit_edit.nn.hooks import capture_factors
+from lit_edit.nn.layout import matrix_layout, mlp_parameter_names
+from lit_edit.nn.losses import agreement, locality_kl, masked_nll, token_accuracy
+from lit_edit.nn.mend import MENDNetwork
 from lit_edit.records import EditRecord
-from lit_edit.tokenization import pad_token_id
+from lit_edit.tokenization import pad_token_id, stack_right_padded
 
 
 def default_inner_params(model: torch.nn.Module, n_blocks: int = 3) -> list[str]:
@@ -139,7 +134,7 @@ class MENDEditor(EditorModule):
             bad = [n for n in names if not n.endswith(".weight")]
             raise ValueError(f"MEND edits weight matrices; not weights: {bad}")
         self._layers = [find_module(self.model, n.removesuffix(".weight")) for n in names]
-        matrices = [describe_matrix(n, m) for n, m in zip(names, self._layers, strict=True)]
+        matrices = [matrix_layout(n, m) for n, m in zip(names, self._layers, strict=True)]
         self.network = MENDNetwork(
             matrices, rank, n_hidden, norm, shared, edit_lr, descent, output_relu
         )
@@ -196,19 +191,18 @@ class MENDEditor(EditorModule):
             A handle restoring the inner matrices bit-exactly.
         """
         was_training = self.network.training
-        with torch.inference_mode(False), torch.enable_grad():
-            batch = self.collator.pairs([r.edit_pair for r in records])
-            batch = move_batch_to_device(batch, self.device)
-            self.network.eval()  # statistics are frozen outside training
-            try:
-                with torch.no_grad():
-                    deltas = self.updates(batch)
-            finally:
-                self.network.train(was_training)
-            handle = WeightsHandle(self.inner)
+        batch = self.collator.pairs([r.edit_pair for r in records])
+        batch = move_batch_to_device(batch, self.device)
+        self.network.eval()  # statistics are frozen outside training
+        try:
             with torch.no_grad():
-                for param, delta in zip(self.inner, deltas, strict=True):
-                    param.add_(delta.to(param.dtype))
+                deltas = self.updates(batch)
+        finally:
+            self.network.train(was_training)
+        handle = WeightsHandle(self.inner)
+        with torch.no_grad():
+            for param, delta in zip(self.inner, deltas, strict=True):
+                param.add_(delta.to(param.dtype))
         return handle
 
     # ------------------------------------------------------------------ training

@@ -11,83 +11,19 @@ paper's gradient-descent form), so with an identity transform and ``α > 0`` an 
 gradient step on the edit loss. ``descent=False`` gives the original code's and EasyEdit's
 ``W′ = W + α·ĝ`` (whose step sizes turn negative during training).
 
-Layouts: ``nn.Linear`` stores ``W`` as ``[d_out, d_in]`` (``ĝ = Σ δ uᵀ``); Hugging Face's GPT-2
-``Conv1D`` stores it transposed, ``[d_in, d_out]`` (``ĝ = Σ u δᵀ``). Factors are always
-``u: [N, d_in]`` and ``δ: [N, d_out]``.
+Layouts (:mod:`lit_edit.nn.layout`): ``nn.Linear`` stores ``W`` as ``[d_out, d_in]``
+(``ĝ = Σ δ uᵀ``); Hugging Face's GPT-2 ``Conv1D`` stores it transposed, ``[d_in, d_out]``
+(``ĝ = Σ u δᵀ``). Factors are always ``u: [N, d_in]`` and ``δ: [N, d_out]``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-
-@dataclass(frozen=True)
-class EditedMatrix:
-    """Where one edited weight matrix sits and how it is laid out.
-
-    Attributes:
-        name: Full parameter name, e.g. ``"transformer.h.1.mlp.c_fc.weight"``.
-        d_in: Input features of the layer (width of ``u``).
-        d_out: Output features of the layer (width of ``δ``).
-        transposed: ``True`` when the weight is stored ``[d_out, d_in]`` (``nn.Linear``),
-            ``False`` when stored ``[d_in, d_out]`` (GPT-2 ``Conv1D``).
-    """
-
-    name: str
-    d_in: int
-    d_out: int
-    transposed: bool
-
-    @property
-    def shape_key(self) -> str:
-        """Key of the transform shared by matrices of this shape, e.g. ``"128x512"``."""
-        return f"{self.d_in}x{self.d_out}"
-
-
-def describe_matrix(name: str, module: nn.Module) -> EditedMatrix:
-    """Describe the weight of an ``nn.Linear`` or GPT-2 ``Conv1D`` layer for MEND.
-
-    Args:
-        name: The weight's full parameter name (``<module path>.weight``).
-        module: The layer owning it.
-
-    Returns:
-        Its shape and layout.
-
-    Raises:
-        TypeError: for a layer that is neither ``nn.Linear`` nor ``Conv1D``.
-    """
-    from transformers.pytorch_utils import Conv1D
-
-    if isinstance(module, nn.Linear):
-        return EditedMatrix(name, module.in_features, module.out_features, transposed=True)
-    if isinstance(module, Conv1D):
-        d_in, d_out = module.weight.shape  # Conv1D weight: [d_in, d_out]
-        return EditedMatrix(name, int(d_in), int(d_out), transposed=False)
-    raise TypeError(
-        f"MEND edits the weight of nn.Linear or Conv1D layers; {name!r} belongs to "
-        f"{type(module).__name__}"
-    )
-
-
-def outer_sum(u: torch.Tensor, delta: torch.Tensor, transposed: bool) -> torch.Tensor:
-    """``Σ_t δ_t u_tᵀ`` in the weight's layout.
-
-    Args:
-        u: ``[N, d_in]`` layer inputs.
-        delta: ``[N, d_out]`` gradients (or transformed factors).
-        transposed: Weight stored ``[d_out, d_in]`` (``nn.Linear``) when ``True``.
-
-    Returns:
-        ``[d_out, d_in]`` if ``transposed`` else ``[d_in, d_out]``.
-    """
-    if transposed:
-        return delta.transpose(0, 1) @ u  # [d_out, N] @ [N, d_in]
-    return u.transpose(0, 1) @ delta  # [d_in, N] @ [N, d_out]
+from lit_edit.nn.layout import MatrixLayout, outer_sum
 
 
 class RunningNorm(nn.Module):
@@ -271,7 +207,7 @@ class MENDNetwork(nn.Module):
 
     def __init__(
         self,
-        matrices: Sequence[EditedMatrix],
+        matrices: Sequence[MatrixLayout],
         rank: int = 1920,
         n_hidden: int = 1,
         norm: bool = True,

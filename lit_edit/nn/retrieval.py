@@ -14,7 +14,7 @@ Three parts, plain torch (no Lightning):
 * :class:`Encoder` — anything with ``encode(list[str]) -> Tensor [N, D]``;
   :class:`SentenceEncoder` wraps sentence-transformers (lazy import), :class:`HashingEncoder` is a
   dependency-free character n-gram encoder for tests and benchmarks (both in
-  :mod:`lit_edit.nn.lte_encoders`, re-exported here);
+  :mod:`lit_edit.nn.encoders`, re-exported here);
 * :class:`EditMemory` (:mod:`lit_edit.nn.edit_memory`, re-exported here) — the keys and values,
   an ``nn.Module`` whose content saves and loads with
   the module's ``state_dict`` (so with a Lightning checkpoint);
@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from lit_edit.nn.edit_memory import EditMemory
-from lit_edit.nn.lte_encoders import (
+from lit_edit.nn.encoders import (
     DEFAULT_ENCODER,
     PAPER_ENCODER,
     Encoder,

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lit_edit.nn.lte_encoders import Encoder
+from lit_edit.nn.encoders import Encoder
 from lit_edit.nn.scope import ScopeHead, ScopePair, scope_pairs
 from lit_edit.records import EditRecord
 

@@ -8,9 +8,11 @@ import fcntl
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,7 +23,10 @@ from lit_edit.world.generator import World
 log = logging.getLogger(__name__)
 
 #: Bump when the world generator, tokenizer or training recipe changes what a build produces.
-FORMAT_VERSION = 1
+#: 2: the training thread count is a fixed setting and part of the key (was picked from the load).
+FORMAT_VERSION = 2
+#: Libraries whose version can change what a build produces (recorded in ``metrics.json``).
+_LIBRARIES = ("torch", "transformers", "tokenizers", "lightning", "numpy")
 _DONE = "metrics.json"  # written last: a directory holding it is a finished build
 
 
@@ -42,11 +47,59 @@ def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
 def model_key(world_config: WorldConfig, model_config: TinyLMConfig) -> str:
     """The cache key of a build: a hash of the world, model and training settings and the format.
 
-    ``num_threads`` is left out: it changes the speed of a build, not what it learns.
+    Every setting is in the key, ``num_threads`` included (it changes the trained weights). The
+    library versions are not (a cache would be rebuilt at every upgrade); they are recorded in
+    the build's ``metrics.json`` and a mismatch is reported when the build is used
+    (:func:`check_versions`).
     """
-    model = model_config.to_dict()
-    model.pop("num_threads")
-    return settings_hash({"format": FORMAT_VERSION}, world_config.to_dict(), model)
+    return settings_hash({"format": FORMAT_VERSION}, world_config.to_dict(),
+                         model_config.to_dict())
+
+
+def library_versions() -> dict[str, str]:
+    """The installed versions of the libraries that can change what a build produces."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in _LIBRARIES:
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+class TinyFactsVersionWarning(UserWarning):
+    """A cached TinyFacts build was made with other library versions than the installed ones."""
+
+
+def check_versions(path: str | os.PathLike) -> dict[str, tuple[str, str]]:
+    """Compare the library versions a build was made with against the installed ones.
+
+    A difference is reported with a :class:`TinyFactsVersionWarning` (shown once per process
+    by Python's default warning filter): the build is still used, but a fresh build with the
+    installed versions may differ, and so may every figure measured on it.
+
+    Args:
+        path: A finished build's directory.
+
+    Returns:
+        ``{library: (built with, installed)}`` for each library that differs.
+    """
+    recorded = load_metrics(path).get("versions", {})
+    current = library_versions()
+    differ = {k: (recorded.get(k, "unrecorded"), v) for k, v in current.items()
+              if recorded.get(k, "unrecorded") != v}
+    if differ:
+        listed = ", ".join(f"{k} {a} (installed {b})" for k, (a, b) in sorted(differ.items()))
+        warnings.warn(
+            f"the TinyFacts build {path} was made with {listed}; a build with the installed "
+            "versions may have other weights and give other figures (rebuild with "
+            "`python -m lit_edit.world build --force`)",
+            TinyFactsVersionWarning,
+            stacklevel=2,
+        )
+    return differ
 
 
 def model_dir(
@@ -79,11 +132,8 @@ def _build_into(
     out: Path, world_config: WorldConfig, model_config: TinyLMConfig, progress_bar: bool
 ) -> dict[str, Any]:
     """Generate the world, train tokenizer and model, measure and save everything into ``out``."""
-    import torch
-    import transformers
-
     from lit_edit.world.evaluate import evaluate_world
-    from lit_edit.world.pretrain import auto_threads, cpu_threads, pretrain_model
+    from lit_edit.world.pretrain import cpu_threads, pretrain_model
     from lit_edit.world.tokenizer import train_tokenizer
 
     world = World.generate(world_config)
@@ -92,16 +142,13 @@ def _build_into(
     log.info("TinyFacts world: %d facts, %d two-hop facts, %d pretraining sequences",
              len(world.facts), len(world.two_hop), len(pairs))
     tokenizer = train_tokenizer(texts, model_config.vocab_size)
-    train_config = dataclasses.replace(
-        model_config, num_threads=model_config.num_threads or auto_threads()
-    )
     start, cpu_start = time.perf_counter(), time.process_time()
-    model = pretrain_model(train_config, tokenizer, pairs, progress_bar=progress_bar)
+    model = pretrain_model(model_config, tokenizer, pairs, progress_bar=progress_bar)
     train_seconds = time.perf_counter() - start
     train_cpu_seconds = time.process_time() - cpu_start
     log.info("pretraining took %.1f s; measuring accuracies", train_seconds)
     start = time.perf_counter()
-    with cpu_threads(train_config.num_threads):
+    with cpu_threads(model_config.num_threads):
         accuracies = evaluate_world(model, tokenizer, world)
     metrics = {
         "accuracy": {k: v for k, v in accuracies.items() if not k.endswith("_n")},
@@ -114,9 +161,8 @@ def _build_into(
         "n_facts": len(world.facts),
         "key": model_key(world_config, model_config),
         "format_version": FORMAT_VERSION,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "num_threads": train_config.num_threads,
+        "versions": library_versions(),
+        "num_threads": model_config.num_threads,
     }
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
@@ -156,10 +202,12 @@ def build_tiny_model(
     final = model_dir(world_config, model_config, cache_dir)
     if is_built(final) and not force:
         log.debug("TinyFacts model found in cache: %s", final)
+        check_versions(final)
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
     with _file_lock(final.parent / f"{final.name}.lock"):
         if is_built(final) and not force:  # another process built it while we waited
+            check_versions(final)
             return final
         for stale in final.parent.glob(f".{final.name}.*"):  # left by a killed build
             shutil.rmtree(stale, ignore_errors=True)
@@ -189,8 +237,10 @@ def resolve_tinyfacts(name: str, cache_dir: str | os.PathLike | None = None) -> 
     """Map a TinyFacts model name to its cached directory, building it on first use.
 
     Args:
-        name: ``"tinyfacts"`` (default world, tiny GPT-2) or ``"tinyfacts-llama"`` (default
-            world, tiny LLaMA).
+        name: ``"tinyfacts"`` (default world, tiny GPT-2), ``"tinyfacts-llama"`` (default world,
+            tiny LLaMA), or either with ``-seed<N>`` appended (``"tinyfacts-seed1"``): another
+            world and another model, :class:`WorldConfig` and :class:`TinyLMConfig` both
+            seeded with ``N`` (``-seed0`` is the default).
         cache_dir: Cache directory (see :func:`cache_root`).
 
     Returns:
@@ -199,10 +249,28 @@ def resolve_tinyfacts(name: str, cache_dir: str | os.PathLike | None = None) -> 
     Raises:
         ValueError: on another name.
     """
+    world_config, model_config = named_configs(name)
+    return build_tiny_model(world_config, model_config, cache_dir=cache_dir)
+
+
+def named_configs(name: str) -> tuple[WorldConfig, TinyLMConfig]:
+    """The world and model settings a TinyFacts model name stands for.
+
+    See :func:`resolve_tinyfacts` for the names.
+
+    Raises:
+        ValueError: on a name that is not ``tinyfacts[-llama][-seed<N>]``.
+    """
+    match = re.fullmatch(r"(tinyfacts(?:-llama)?)(?:-seed(\d+))?", name)
     configs = default_model_configs()
-    if name not in configs:
-        raise ValueError(f"unknown TinyFacts model {name!r}; known: {sorted(configs)}")
-    return build_tiny_model(WorldConfig(), configs[name], cache_dir=cache_dir)
+    if match is None or match.group(1) not in configs:
+        raise ValueError(
+            f"unknown TinyFacts model {name!r}; known: {sorted(configs)}, each optionally with "
+            "-seed<N> for another world and model (e.g. 'tinyfacts-seed1')"
+        )
+    seed = int(match.group(2) or 0)
+    model_config = dataclasses.replace(configs[match.group(1)], seed=seed)
+    return WorldConfig(seed=seed), model_config
 
 
 def default_model_configs() -> dict[str, TinyLMConfig]:

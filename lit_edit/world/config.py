@@ -128,8 +128,10 @@ class TinyLMConfig:
             the answers alone learns far slower), while weighting the answers 8x about halves
             the epochs needed to memorise the default world.
         seed: Seed of the weight initialisation and of the data order.
-        num_threads: CPU threads for training; ``0`` picks the cores left idle by other work
-            (see :func:`lit_edit.world.pretrain.auto_threads`). Not part of the cache key.
+        num_threads: CPU threads the model is trained and measured with. Part of the settings
+            and of the cache key: the thread count changes the order of floating-point
+            reductions and so the trained weights. The default (1) makes a build a function of
+            its settings alone, whatever the machine's load or the caller's thread setting.
     """
 
     arch: Arch = "gpt2"
@@ -146,7 +148,7 @@ class TinyLMConfig:
     weight_decay: float = 0.0
     answer_weight: float = 8.0
     seed: int = 0
-    num_threads: int = 0
+    num_threads: int = 1
 
     def __post_init__(self) -> None:
         if self.arch not in ("gpt2", "llama"):
@@ -155,7 +157,7 @@ class TinyLMConfig:
             raise ValueError(
                 f"TinyLMConfig.n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})"
             )
-        for name in ("n_layer", "n_embd", "n_head", "max_epochs", "batch_size"):
+        for name in ("n_layer", "n_embd", "n_head", "max_epochs", "batch_size", "num_threads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"TinyLMConfig.{name} must be positive, got {getattr(self, name)}")
         if self.vocab_size < 300:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 import time
 import warnings
 from collections.abc import Iterator, Sequence
@@ -193,17 +192,6 @@ def encode_rows(
     return rows
 
 
-def auto_threads() -> int:
-    """CPU threads to train with: the cores this process may use that other work leaves idle.
-
-    On a busy machine fewer threads are faster (CPU kernels spin-wait on descheduled threads),
-    so the 1-minute load average of the other processes is subtracted; at least one thread.
-    """
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    return max(1, min(cores or 1, round((cores or 1) - busy + 0.25)))
-
-
 @contextmanager
 def cpu_threads(n: int) -> Iterator[None]:
     """Run the block with ``n`` torch CPU threads, restoring the previous number after it."""
@@ -255,7 +243,7 @@ def pretrain_model(
     """
     if not pairs:
         raise ValueError("cannot pretrain on no text")
-    threads = config.num_threads or auto_threads()
+    threads = config.num_threads
     rows = encode_rows(tokenizer, pairs, config.answer_weight)
     model = build_model(config, tokenizer)
     module = TinyLMModule(model, config.lr, config.min_lr_ratio, config.warmup_ratio,

@@ -1,4 +1,4 @@
-"""Losses and measures of MEND (and SERAC) training on prompt-masked, teacher-forced batches.
+"""Losses and measures on prompt-masked, teacher-forced batches (MEND, FT, SERAC, WISE, ...).
 
 All functions take ``labels`` laid out like ``input_ids`` (``-100`` on the prompt and on padding,
 see :class:`~lit_edit.data.collate.PairCollator`) and align ``logits[:, t]`` with
@@ -7,11 +7,9 @@ see :class:`~lit_edit.data.collate.PairCollator`) and align ``logits[:, t]`` wit
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 
-from lit_edit.data.collate import IGNORE_INDEX
+from lit_edit.tokenization import IGNORE_INDEX
 
 
 def _shift(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,27 +90,3 @@ def agreement(
     mask = target != IGNORE_INDEX
     same = (base.argmax(-1) == edited.argmax(-1)) & mask
     return same.sum(-1).float() / mask.sum(-1).clamp(min=1).float()
-
-
-def stack_right_padded(
-    batches: Sequence[dict[str, torch.Tensor]], pad_id: int
-) -> tuple[dict[str, torch.Tensor], list[int]]:
-    """Stack right-padded ``input_ids``/``attention_mask``/``labels`` batches into one.
-
-    Args:
-        batches: Batches from a right-padding :class:`~lit_edit.data.collate.PairCollator`.
-        pad_id: Token id written into new padding.
-
-    Returns:
-        The stacked batch (``[sum B_i, max L_i]``) and the row count of each input batch.
-    """
-    width = max(b["input_ids"].shape[1] for b in batches)
-    fill = {"input_ids": pad_id, "attention_mask": 0, "labels": IGNORE_INDEX}
-    out = {}
-    for key, value in fill.items():
-        parts = [
-            torch.nn.functional.pad(b[key], (0, width - b[key].shape[1]), value=value)
-            for b in batches
-        ]  # each [B_i, width]
-        out[key] = torch.cat(parts, dim=0)
-    return out, [b["input_ids"].shape[0] for b in batches]

@@ -1,4 +1,4 @@
-"""Capture of the rank-1 gradient factors ``(u, δ)`` of chosen layers with forward hooks."""
+"""Forward hooks on chosen layers: their inputs, outputs and output gradients (rank-1 factors)."""
 
 from __future__ import annotations
 
@@ -11,13 +11,15 @@ from torch import nn
 from torch.func import functional_call
 
 
-class FactorCapture:
+class LayerCapture:
     """Record the input ``u`` and the output of each given layer during a forward pass.
 
     Use as a context manager around one forward pass; the hooks are removed on exit, whatever
-    happens inside. Afterwards :meth:`factors` differentiates a loss with respect to the recorded
-    outputs (``δ = ∂L/∂y``; no weight gradient is formed) and returns the factors with batch and
-    sequence flattened into one token axis and padding rows dropped.
+    happens inside. Afterwards :meth:`inputs` and :meth:`outputs` give what each layer saw and
+    produced (e.g. the keys of a locate-then-edit method are inputs of an MLP output matrix), and
+    :meth:`factors` differentiates a loss with respect to the recorded outputs (``δ = ∂L/∂y``;
+    no weight gradient is formed) and returns the rank-1 factors of every layer's weight
+    gradient with batch and sequence flattened into one token axis and padding rows dropped.
 
     Args:
         modules: Layer name → layer (``nn.Linear`` or ``Conv1D``), in the order wanted.
@@ -39,7 +41,7 @@ class FactorCapture:
 
         return hook
 
-    def __enter__(self) -> FactorCapture:
+    def __enter__(self) -> LayerCapture:
         self._inputs.clear()
         self._outputs.clear()
         try:
@@ -62,6 +64,18 @@ class FactorCapture:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+
+    def inputs(self, name: str) -> torch.Tensor:
+        """The (detached) input of layer ``name`` in the captured pass, e.g. ``[B, L, d_in]``."""
+        if name not in self._inputs:
+            raise KeyError(f"layer {name!r} did not run in the captured forward pass")
+        return self._inputs[name]
+
+    def outputs(self, name: str) -> torch.Tensor:
+        """The output of layer ``name`` in the captured pass (in the graph if it needs grad)."""
+        if name not in self._outputs:
+            raise KeyError(f"layer {name!r} did not run in the captured forward pass")
+        return self._outputs[name]
 
     def factors(self, loss: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The factors of every layer for ``loss``, in the order of ``modules``.
@@ -120,12 +134,12 @@ def capture_factors(
         **inputs: Model inputs (``input_ids``, ``attention_mask``).
 
     Returns:
-        ``(factors, loss)``: one ``(u, δ)`` pair per matrix (see :meth:`FactorCapture.factors`)
+        ``(factors, loss)``: one ``(u, δ)`` pair per matrix (see :meth:`LayerCapture.factors`)
         and the detached loss.
     """
     params = dict(model.named_parameters())
     leaves = {n: params[n].detach().requires_grad_(True) for n in names}
-    with torch.enable_grad(), FactorCapture(dict(zip(names, modules, strict=True))) as capture:
+    with torch.enable_grad(), LayerCapture(dict(zip(names, modules, strict=True))) as capture:
         logits = functional_call(model, leaves, args=(), kwargs=inputs).logits  # [B, L, V]
         loss = loss_fn(logits)
         factors = capture.factors(loss)

@@ -1,0 +1,73 @@
+"""The editing contract: what protocols and the evaluation engine need from an editor.
+
+Every method (:class:`~lit_edit.methods.base.EditorModule` subclasses) satisfies it, and so can
+any object with these members: the protocols (:mod:`lit_edit.protocols`) and the evaluation
+engine (:mod:`lit_edit.evaluation`) depend on this interface only, never on a method's class.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol, runtime_checkable
+
+import torch
+
+from lit_edit.editing import EditHandle
+from lit_edit.records import EditRecord, QAPair
+from lit_edit.scoring import GeneratedAnswer, Generation, PairScore
+
+
+@runtime_checkable
+class Editor(Protocol):
+    """An editor: apply edits (restorably) and answer under the current state.
+
+    Attributes:
+        max_edits_per_call: Most records one :meth:`edit` call accepts (``None``: any number).
+            A method that edits one fact at a time (ROME) sets 1, and the batch protocol
+            refuses it with a clear error.
+    """
+
+    max_edits_per_call: int | None
+
+    def edit(self, records: Sequence[EditRecord]) -> EditHandle:
+        """Apply the edits of ``records`` together; the handle restores the state bit-exactly.
+
+        Called by the protocols with grad enabled (outside any inference mode).
+        """
+        ...
+
+    def score_pairs(self, pairs: Sequence[QAPair]) -> list[PairScore]:
+        """Teacher-forced scores of ``pairs`` under the current state, in order."""
+        ...
+
+    def generate_answers(self, pairs: Sequence[QAPair]) -> list[GeneratedAnswer]:
+        """Greedy answers to the pairs' prompts under the current state (exact match)."""
+        ...
+
+    def sample(self, prompts: Sequence[str], max_length: int, seed: int) -> list[Generation]:
+        """Seeded top-k samples from ``prompts`` under the current state (fluency)."""
+        ...
+
+    def record_values(self, records: Sequence[EditRecord]) -> list[dict[str, float | None]]:
+        """Method-specific values of each record under the current state (e.g. routing)."""
+        ...
+
+
+def apply_edit(editor: Editor, records: Sequence[EditRecord]) -> EditHandle:
+    """Call ``editor.edit(records)`` the way every protocol does.
+
+    Edits optimise or differentiate (FT's steps, MEND's gradient), so they run with grad
+    enabled and outside inference mode, whatever the caller's mode (Lightning's test loop runs
+    under ``torch.inference_mode``). Scoring stays in the caller's mode.
+
+    Raises:
+        ValueError: if the editor takes fewer records per call than given.
+    """
+    limit = getattr(editor, "max_edits_per_call", None)
+    if limit is not None and len(records) > limit:
+        raise ValueError(
+            f"{type(editor).__name__} applies at most {limit} edit(s) at a time, got "
+            f"{len(records)}: use the single or sequential protocol"
+        )
+    with torch.inference_mode(False), torch.enable_grad():
+        return editor.edit(records)

@@ -1,0 +1,101 @@
+"""Edit-time optimisation: a few gradient steps on chosen tensors, with the usual constraints.
+
+FT-L/FT-M fine-tune an MLP matrix on the edit, WISE trains a masked side copy of one, ROME and
+MEMIT optimise a value vector: each is a short loop of "loss, backward, step, constrain" on a
+handful of tensors, with an early stop. :func:`optimise` is that loop, once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Literal
+
+import torch
+
+
+def optimise(
+    params: Sequence[torch.Tensor],
+    loss_fn: Callable[[], torch.Tensor],
+    steps: int,
+    lr: float,
+    optimizer: Literal["adam", "sgd"] = "adam",
+    weight_decay: float = 0.0,
+    stop_below: float | None = None,
+    stop_change: float | None = None,
+    grad_masks: Sequence[torch.Tensor | None] | None = None,
+    linf_radius: float | None = None,
+    project: Callable[[], None] | None = None,
+) -> list[float]:
+    """Run up to ``steps`` optimizer steps on ``params`` (in place) to lower ``loss_fn()``.
+
+    Each step: zero the gradients, compute the loss, stop early if asked, backward, mask the
+    gradients, step, then constrain (L∞ clamp around the starting values, then ``project``).
+    ``params`` require grad only inside the loop (their flags and gradients are restored and
+    cleared after it); the loop runs with grad enabled whatever the caller's mode.
+
+    Args:
+        params: Leaf tensors to optimise (parameters or plain tensors).
+        loss_fn: Computes the scalar loss from the current ``params``.
+        steps: Most optimizer steps.
+        lr: Learning rate.
+        optimizer: ``"adam"`` or ``"sgd"`` (plain, no momentum).
+        weight_decay: The optimizer's weight decay.
+        stop_below: Stop before stepping once the loss is below this value.
+        stop_change: With ``stop_below``, stop only when also the loss changed by at most this
+            much since the previous step (WISE's rule: ``|ΔL| ≤ 1e-4`` and ``L ≤ 0.02``).
+        grad_masks: One mask per param (or ``None`` for no mask), multiplied into its gradient
+            after backward (WISE's random gradient masks).
+        linf_radius: Keep every entry within this distance of its value before the loop
+            (EasyEdit's ``norm_constraint``).
+        project: Called (under ``no_grad``) after each step, e.g. to rescale a vector to a
+            norm bound.
+
+    Returns:
+        The loss of every step taken (the last one included when it triggered the stop).
+
+    Raises:
+        ValueError: on an unknown optimizer or a mask list of the wrong length.
+    """
+    if optimizer not in ("adam", "sgd"):
+        raise ValueError(f"optimizer must be 'adam' or 'sgd', got {optimizer!r}")
+    if grad_masks is not None and len(grad_masks) != len(params):
+        raise ValueError(f"{len(grad_masks)} gradient masks for {len(params)} tensors")
+    params = list(params)
+    originals = [p.detach().clone() for p in params] if linf_radius is not None else None
+    flags = [p.requires_grad for p in params]
+    losses: list[float] = []
+    with torch.inference_mode(False), torch.enable_grad():
+        for p in params:
+            p.requires_grad_(True)
+        make = torch.optim.Adam if optimizer == "adam" else torch.optim.SGD
+        opt = make(params, lr=lr, weight_decay=weight_decay)
+        try:
+            for _ in range(steps):
+                opt.zero_grad(set_to_none=True)
+                loss = loss_fn()
+                value = loss.item()
+                previous = losses[-1] if losses else None
+                losses.append(value)
+                if stop_below is not None and value < stop_below and (
+                    stop_change is None
+                    or (previous is not None and abs(previous - value) <= stop_change)
+                ):
+                    break
+                loss.backward()
+                if grad_masks is not None:
+                    for p, mask in zip(params, grad_masks, strict=True):
+                        if mask is not None and p.grad is not None:
+                            p.grad.mul_(mask)
+                opt.step()
+                with torch.no_grad():
+                    if originals is not None:
+                        c = linf_radius
+                        for p, p0 in zip(params, originals, strict=True):
+                            p.copy_(torch.minimum(torch.maximum(p, p0 - c), p0 + c))
+                    if project is not None:
+                        project()
+        finally:
+            for p, flag in zip(params, flags, strict=True):
+                p.requires_grad_(flag)
+                p.grad = None
+    return losses
