@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -16,6 +20,56 @@ from transformers import (
 )
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Backbone:
+    """The model an editor edits, and how to load it.
+
+    In a config, ``backbone: tinyfacts`` (a name alone) or
+    ``backbone: {name: meta-llama/Llama-2-7b-hf, dtype: bfloat16}``.
+
+    Args:
+        name: ``"tinyfacts"`` (the embedded default), ``"tinyfacts-llama"``,
+            ``"tinyfacts-seed<N>"`` (another world), a local directory or a Hugging Face hub
+            name.
+        dtype: Weights dtype: ``"float32"``, ``"bfloat16"`` or ``"float16"``.
+        trust_remote_code: Allow code shipped with a hub model to run (off by default).
+        revision: Hub revision to pin.
+    """
+
+    name: str = "tinyfacts"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    trust_remote_code: bool = False
+    revision: str | None = None
+
+    @classmethod
+    def of(cls, spec: Backbone | str | Mapping[str, Any]) -> Backbone:
+        """A spec from a name, a mapping of its fields (a checkpoint's hparams) or a spec."""
+        if isinstance(spec, Backbone):
+            return spec
+        if isinstance(spec, str):
+            return cls(name=spec)
+        if isinstance(spec, Mapping):
+            return cls(**dict(spec))
+        raise TypeError(f"a backbone is a name or a Backbone spec, got {type(spec).__name__}")
+
+    def to_hparam(self) -> str | dict[str, Any]:
+        """The plain form saved in checkpoints: the name alone when the rest is default."""
+        if self == Backbone(name=self.name):
+            return self.name
+        return dataclasses.asdict(self)
+
+    def load_model(self) -> PreTrainedModel:
+        """The model, in eval mode (:func:`load_causal_lm`)."""
+        return load_causal_lm(self.name, dtype=self.dtype,
+                              trust_remote_code=self.trust_remote_code, revision=self.revision)
+
+    def load_tokenizer(self) -> PreTrainedTokenizerBase:
+        """The tokenizer, with the pad-token policy (:func:`load_tokenizer`)."""
+        return load_tokenizer(self.name, trust_remote_code=self.trust_remote_code,
+                              revision=self.revision)
+
 
 def resolve_model_path(name_or_path: str) -> str:
     """Map a model name to something ``from_pretrained`` loads.

@@ -7,10 +7,11 @@ configs (``configs/<method>/<dataset>.yaml``).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +80,9 @@ class LitEditCLI(LightningCLI):
             r".*isinstance\(treespec, LeafSpec\)` is deprecated.*",  # inside Lightning itself
         ):
             warnings.filterwarnings("ignore", message=message)
+        # one device unless a config says otherwise (configs/trainer/*.yaml): Lightning's
+        # "auto" would start a DDP run on every GPU of the machine
+        kwargs.setdefault("trainer_defaults", {"devices": 1})
         kwargs.setdefault("subclass_mode_model", True)
         kwargs.setdefault("subclass_mode_data", True)
         kwargs.setdefault("save_config_callback", LoggedConfigSaver)
@@ -124,8 +128,25 @@ class LitEditCLI(LightningCLI):
                 )
 
     def add_arguments_to_parser(self, parser) -> None:  # noqa: ANN001 (jsonargparse parser)
-        """Add the top-level ``evaluation`` group (see :class:`~lit_edit.evaluation.Evaluation`)."""
+        """Add the top-level ``evaluation`` group and the ``threads`` setting.
+
+        ``evaluation``: see :class:`~lit_edit.evaluation.Evaluation`. ``threads``: the number of
+        torch CPU threads for the whole run, set before the editor and the data are built
+        (``null``: torch's default, all cores). The thread count changes floating-point results,
+        so every config whose figures are published fixes it; ``summary.json`` records it.
+        """
         parser.add_class_arguments(Evaluation, "evaluation")
+        parser.add_argument("--threads", type=int | None, default=None,
+                            help="torch CPU threads for the run (null: torch's default)")
+
+    def before_instantiate_classes(self) -> None:
+        """Set the run's torch thread count (``threads``) before anything is built."""
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        threads = config.get("threads")
+        if threads is not None:
+            if threads < 1:
+                raise ValueError(f"threads must be >= 1, got {threads}")
+            torch.set_num_threads(threads)
 
     def after_instantiate_classes(self) -> None:
         """Hand the evaluation settings to the editor."""
@@ -149,7 +170,8 @@ def train_main(args: Sequence[str] | None = None) -> LitEditCLI:
     Returns:
         The CLI object (its ``trainer``, ``model`` and ``datamodule`` after the run).
     """
-    return LitEditCLI(args=list(sys.argv[1:] if args is None else args))
+    with _restored_threads():
+        return LitEditCLI(args=list(sys.argv[1:] if args is None else args))
 
 
 def evaluate_main(args: Sequence[str] | None = None) -> LitEditCLI:
@@ -164,4 +186,15 @@ def evaluate_main(args: Sequence[str] | None = None) -> LitEditCLI:
         The CLI object.
     """
     argv = list(sys.argv[1:] if args is None else args)
-    return LitEditCLI(args=["test", *argv])
+    with _restored_threads():
+        return LitEditCLI(args=["test", *argv])
+
+
+@contextlib.contextmanager
+def _restored_threads() -> Iterator[None]:
+    """Give the caller its torch thread count back after a run that set ``threads``."""
+    before = torch.get_num_threads()
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterable, Sequence
 from types import TracebackType
+from typing import Any
 
 import torch
 from torch import nn
@@ -103,18 +105,45 @@ class HandleStack(EditHandle):
         self._handles.clear()
 
 
+def _copy(value: Any) -> Any:
+    """A deep copy of a state value (tensors cloned, containers and extra states copied)."""
+    if torch.is_tensor(value):
+        return value.detach().clone()
+    if isinstance(value, dict):
+        return {k: _copy(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_copy(v) for v in value)
+    return copy.deepcopy(value)
+
+
+def same_state(a: Any, b: Any) -> bool:
+    """Whether two state values are bit-identical (tensors: dtype, shape and every bit)."""
+    if torch.is_tensor(a) or torch.is_tensor(b):
+        return (
+            torch.is_tensor(a) and torch.is_tensor(b) and a.dtype == b.dtype
+            and a.shape == b.shape and torch.equal(a, b)
+        )
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(same_state(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(same_state(x, y) for x, y in zip(a, b, strict=True))
+    return type(a) is type(b) and a == b
+
+
 class ParameterSnapshot:
-    """A full copy of a module's parameters and buffers, to verify that a restore is bit-exact.
+    """A full copy of a module's state (parameters, buffers, extra states such as edit memories).
+
+    Used to verify that a restore is bit-exact, and which entries an edit changed.
 
     Args:
         module: The module to snapshot.
     """
 
     def __init__(self, module: nn.Module) -> None:
-        self._values = {k: v.detach().clone() for k, v in module.state_dict().items()}
+        self._values = {k: _copy(v) for k, v in module.state_dict().items()}
 
     def differences(self, module: nn.Module) -> list[str]:
-        """Names of the tensors not bit-identical to the snapshot (or appeared/vanished)."""
+        """Names of the entries not bit-identical to the snapshot (or appeared/vanished)."""
         current = module.state_dict()
         names = set(current) | set(self._values)
         return sorted(
@@ -122,7 +151,5 @@ class ParameterSnapshot:
             for n in names
             if n not in current
             or n not in self._values
-            or current[n].dtype != self._values[n].dtype
-            or current[n].shape != self._values[n].shape
-            or not torch.equal(current[n], self._values[n])
+            or not same_state(current[n], self._values[n])
         )

@@ -17,6 +17,7 @@ from torchmetrics import Metric
 from lit_edit.conflicts import first_conflicts
 from lit_edit.editing import ParameterSnapshot
 from lit_edit.editor import Editor
+from lit_edit.environment import describe_environment
 from lit_edit.evaluation import Evaluation, RecordEvaluator, RecordMeasure
 from lit_edit.metrics import (
     CounterFactScores,
@@ -282,6 +283,7 @@ class EvaluationRun:
             "protocol": self.protocol.describe(),
             "settings": self.settings.describe(),
             "method": f"{type(editor).__module__}.{type(editor).__qualname__}",
+            "environment": describe_environment(),
             "hyper_parameters": {
                 k: _jsonable(v) for k, v in dict(getattr(editor, "hparams", {})).items()
             },

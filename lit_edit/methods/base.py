@@ -11,7 +11,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from lit_edit.backbone import load_causal_lm, load_tokenizer
+from lit_edit.backbone import Backbone
 from lit_edit.editing import EditHandle
 from lit_edit.evaluation import Evaluation
 from lit_edit.records import EditRecord, QAPair
@@ -41,11 +41,9 @@ class EditorModule(L.LightningModule, metaclass=_EditorMeta):
     backbone.
 
     Args:
-        backbone: Model to edit: ``"tinyfacts"`` (the embedded default), ``"tinyfacts-llama"``,
-            ``"tinyfacts-seed<N>"`` (another world), a local directory or a Hugging Face hub name.
-        dtype: Weights dtype: ``"float32"``, ``"bfloat16"`` or ``"float16"``.
-        trust_remote_code: Allow code shipped with a hub model to run (off by default).
-        revision: Hub revision of the backbone to pin.
+        backbone: Model to edit: a name (``"tinyfacts"``, the embedded default; a local
+            directory or a hub name) or a :class:`~lit_edit.backbone.Backbone` spec (name,
+            dtype, ``trust_remote_code``, revision).
 
     Attributes:
         max_edits_per_call: Most records one :meth:`edit` accepts (``None``: any number).
@@ -55,21 +53,13 @@ class EditorModule(L.LightningModule, metaclass=_EditorMeta):
 
     max_edits_per_call: int | None = None
 
-    def __init__(
-        self,
-        backbone: str = "tinyfacts",
-        dtype: str = "float32",
-        trust_remote_code: bool = False,
-        revision: str | None = None,
-    ) -> None:
+    def __init__(self, backbone: Backbone | str = "tinyfacts") -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.model = load_causal_lm(
-            backbone, dtype=dtype, trust_remote_code=trust_remote_code, revision=revision
-        )
-        self.tokenizer = load_tokenizer(
-            backbone, trust_remote_code=trust_remote_code, revision=revision
-        )
+        self.backbone = Backbone.of(backbone)
+        self.hparams["backbone"] = self.backbone.to_hparam()  # plain values: safe to load
+        self.model = self.backbone.load_model()
+        self.tokenizer = self.backbone.load_tokenizer()
         self.model.requires_grad_(False)
         self.evaluation = Evaluation()
 
@@ -167,6 +157,14 @@ class EditorModule(L.LightningModule, metaclass=_EditorMeta):
         return self.evaluation.scorer().sample(
             self.model, self.tokenizer, prompts, max_length=max_length, seed=seed
         )
+
+    def edit_state_keys(self) -> set[str]:
+        """The ``state_dict`` keys an edit may change (none by default).
+
+        The contract test checks that an edit changes nothing else and that its handle brings
+        these back bit-exactly. E.g. FT and MEND: their inner matrices; LTE: its edit memory.
+        """
+        return set()
 
     # ------------------------------------------------------------------ checkpoints
     def learned_state_keys(self) -> set[str]:

@@ -7,7 +7,7 @@ from typing import Literal
 
 import torch
 
-from lit_edit.backbone import find_parameter
+from lit_edit.backbone import Backbone, find_parameter
 from lit_edit.data.collate import PairCollator
 from lit_edit.editing import EditHandle, WeightsHandle
 from lit_edit.methods.base import EditorModule
@@ -43,14 +43,11 @@ class FTEditor(EditorModule):
         weight_decay: Adam weight decay.
         norm_constraint: L-infinity bound on the change of each weight (``None``: unbounded).
         early_stop_loss: Stop once the loss falls below this value (``None``: always ``steps``).
-        dtype: Weights dtype.
-        trust_remote_code: Allow code shipped with a hub model to run.
-        revision: Hub revision of the backbone.
     """
 
     def __init__(
         self,
-        backbone: str = "tinyfacts",
+        backbone: Backbone | str = "tinyfacts",
         inner_params: list[str] | None = None,
         objective: Literal["masked", "prompt_last"] = "masked",
         lr: float = 5e-4,
@@ -58,11 +55,8 @@ class FTEditor(EditorModule):
         weight_decay: float = 0.0,
         norm_constraint: float | None = None,
         early_stop_loss: float | None = 1e-2,
-        dtype: str = "float32",
-        trust_remote_code: bool = False,
-        revision: str | None = None,
     ) -> None:
-        super().__init__(backbone, dtype, trust_remote_code, revision)
+        super().__init__(backbone)
         if objective not in ("masked", "prompt_last"):
             raise ValueError(f"objective must be 'masked' or 'prompt_last', got {objective!r}")
         if steps < 1:
@@ -76,6 +70,10 @@ class FTEditor(EditorModule):
         self.weight_decay = weight_decay
         self.norm_constraint = norm_constraint
         self.early_stop_loss = early_stop_loss
+
+    def edit_state_keys(self) -> set[str]:
+        """The inner matrices (an edit changes nothing else)."""
+        return {f"model.{n}" for n in self.inner_names}
 
     def edit(self, records: Sequence[EditRecord]) -> EditHandle:
         """Fine-tune the inner parameters on the records' edits; the handle restores them.

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
+from lit_edit.backbone import Backbone
 from lit_edit.editing import CallbackHandle, EditHandle
 from lit_edit.methods.base import EditorModule
 from lit_edit.records import EditRecord
@@ -24,21 +26,15 @@ class IKEEditor(EditorModule):
         template: Context template with ``{facts}`` (one per line) and ``{prompt}``; the default
             is EasyEdit's IKE/ICE wording.
         max_facts: Most facts put in a context.
-        dtype: Weights dtype.
-        trust_remote_code: Allow code shipped with a hub model to run.
-        revision: Hub revision of the backbone.
     """
 
     def __init__(
         self,
-        backbone: str = "tinyfacts",
+        backbone: Backbone | str = "tinyfacts",
         template: str = "New Fact: {facts}\nPrompt: {prompt}",
         max_facts: int = 8,
-        dtype: str = "float32",
-        trust_remote_code: bool = False,
-        revision: str | None = None,
     ) -> None:
-        super().__init__(backbone, dtype, trust_remote_code, revision)
+        super().__init__(backbone)
         if "{facts}" not in template or "{prompt}" not in template:
             raise ValueError(f"template must contain {{facts}} and {{prompt}}, got {template!r}")
         if max_facts < 1:
@@ -46,6 +42,18 @@ class IKEEditor(EditorModule):
         self.template = template
         self.max_facts = max_facts
         self.memory: list[str] = []
+
+    def edit_state_keys(self) -> set[str]:
+        """The memory of facts (its extra state; no weight changes)."""
+        return {"_extra_state"}
+
+    def get_extra_state(self) -> dict[str, Any]:
+        """The memory of facts, saved in ``state_dict`` (and checkpoints)."""
+        return {"memory": list(self.memory)}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        """Restore the memory written by :meth:`get_extra_state`."""
+        self.memory = list(state.get("memory", []))
 
     def edit(self, records: Sequence[EditRecord]) -> EditHandle:
         """Add the records' facts to the memory; the handle removes them.

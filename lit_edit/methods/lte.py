@@ -10,6 +10,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from lit_edit.backbone import Backbone
 from lit_edit.data.collate import PairCollator
 from lit_edit.methods.base import EditorModule
 from lit_edit.methods.lte_editing import RetrievalEditing
@@ -101,14 +102,11 @@ class LTEEditor(RetrievalEditing, EditorModule):
             ``"query"`` (the peer's single-edit evaluation wording, METHODS.md P12).
         use_chat_template: Wrap human turns with the tokenizer's chat template: ``None`` when it
             has one, ``True`` always (error without one), ``False`` never.
-        dtype: Weights dtype.
-        trust_remote_code: Allow code shipped with a hub model to run.
-        revision: Hub revision of the backbone.
     """
 
     def __init__(
         self,
-        backbone: str = "tinyfacts",
+        backbone: Backbone | str = "tinyfacts",
         finetune: Literal["full", "lora"] = "full",
         lora_rank: int = 8,
         lora_alpha: int = 16,
@@ -135,11 +133,8 @@ class LTEEditor(RetrievalEditing, EditorModule):
         scope_hard_negatives: int = 0,
         template: TemplateName = "question",
         use_chat_template: bool | None = None,
-        dtype: str = "float32",
-        trust_remote_code: bool = False,
-        revision: str | None = None,
     ) -> None:
-        super().__init__(backbone, dtype, trust_remote_code, revision)
+        super().__init__(backbone)
         if finetune not in ("full", "lora"):
             raise ValueError(f"finetune must be 'full' or 'lora', got {finetune!r}")
         if top_k < 1:

@@ -34,6 +34,10 @@ class RetrievalEditing:
             )
         return self._retriever
 
+    def edit_state_keys(self) -> set[str]:
+        """The edit memory (an edit is an insertion; no weight changes)."""
+        return {"memory._extra_state"}
+
     def edit(self, records: Sequence[EditRecord]) -> EditHandle:
         """Insert the records' edits into the memory (in bulk); the handle removes them.
 

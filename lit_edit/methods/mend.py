@@ -8,7 +8,7 @@ from typing import Any, Literal
 import torch
 from torch.func import functional_call
 
-from lit_edit.backbone import find_module, find_parameter
+from lit_edit.backbone import Backbone, find_module, find_parameter
 from lit_edit.data.collate import EditCollator
 from lit_edit.data.transfer import move_batch_to_device
 from lit_edit.editing import EditHandle, WeightsHandle
@@ -87,14 +87,11 @@ class MENDEditor(EditorModule):
             zero over the Trainer's ``max_steps``.
         max_length: Longest training/edit sequence in tokens, prompts truncated from the left
             (the peer uses 40; ``None``: no limit).
-        dtype: Weights dtype of the backbone.
-        trust_remote_code: Allow code shipped with a hub model to run.
-        revision: Hub revision of the backbone.
     """
 
     def __init__(
         self,
-        backbone: str = "tinyfacts",
+        backbone: Backbone | str = "tinyfacts",
         inner_params: list[str] | None = None,
         rank: int = 1920,
         n_hidden: int = 1,
@@ -112,11 +109,8 @@ class MENDEditor(EditorModule):
         train_locality: Literal["first", "all"] = "first",
         lr_schedule: Literal["constant", "cosine"] = "constant",
         max_length: int | None = None,
-        dtype: str = "float32",
-        trust_remote_code: bool = False,
-        revision: str | None = None,
     ) -> None:
-        super().__init__(backbone, dtype, trust_remote_code, revision)
+        super().__init__(backbone)
         for name, value, allowed in (
             ("edit_loss_on", edit_loss_on, ("rephrase", "inner", "both")),
             ("train_rephrases", train_rephrases, ("first", "all")),
@@ -180,6 +174,10 @@ class MENDEditor(EditorModule):
             attention_mask=edit["attention_mask"],
         )
         return self.network(factors)
+
+    def edit_state_keys(self) -> set[str]:
+        """The inner matrices (an edit changes nothing else)."""
+        return {f"model.{n}" for n in self.inner_names}
 
     def edit(self, records: Sequence[EditRecord]) -> EditHandle:
         """Edit the inner matrices in place from one gradient and one network pass.

@@ -159,8 +159,8 @@ class EditMemory(nn.Module):
 
         int8 keys are also saved as stored, with their scales, so that they load bit-identically.
         """
-        state = {
-            "keys": self.keys.float().clone(),
+        state = {  # an empty memory has one state, whatever it held before
+            "keys": self.keys.float().clone() if self._size else torch.zeros(0, 0),
             "questions": list(self.questions),
             "facts": list(self.facts),
         }

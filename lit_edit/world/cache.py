@@ -27,6 +27,13 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = 2
 #: Libraries whose version can change what a build produces (recorded in ``metrics.json``).
 _LIBRARIES = ("torch", "transformers", "tokenizers", "lightning", "numpy")
+
+
+def library_versions() -> dict[str, str]:
+    """The installed versions of the libraries that can change what a build produces."""
+    from lit_edit.environment import library_versions as versions
+
+    return versions(_LIBRARIES)
 _DONE = "metrics.json"  # written last: a directory holding it is a finished build
 
 
@@ -54,19 +61,6 @@ def model_key(world_config: WorldConfig, model_config: TinyLMConfig) -> str:
     """
     return settings_hash({"format": FORMAT_VERSION}, world_config.to_dict(),
                          model_config.to_dict())
-
-
-def library_versions() -> dict[str, str]:
-    """The installed versions of the libraries that can change what a build produces."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for name in _LIBRARIES:
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            out[name] = "not installed"
-    return out
 
 
 class TinyFactsVersionWarning(UserWarning):
