@@ -9,6 +9,7 @@ import torch
 
 from lit_edit.cli import LitEditCLI, evaluate_main, train_main
 from lit_edit.methods.lte import LTEEditor, default_lora_targets
+from lit_edit.nn.lora import LoraSettings
 from lit_edit.records import EditRecord, QAPair
 from lit_edit.tokenization import IGNORE_INDEX
 
@@ -40,7 +41,7 @@ def test_loss_mask_covers_only_the_answer_and_eos(editor):
 
 
 def test_lora_trains_adapters_only_and_checkpoints_them_alone():
-    lora = LTEEditor(backbone=BACKBONE, finetune="lora", lr=1e-2, retriever="hashing")
+    lora = LTEEditor(backbone=BACKBONE, lora=LoraSettings(), lr=1e-2, retriever="hashing")
     assert default_lora_targets(lora.model.get_base_model()) == ["c_attn"]
     state = lora.state_dict()
     base = {k: v.clone() for k, v in state.items() if k.startswith("model.") and "lora_" not in k}
@@ -164,8 +165,8 @@ def test_fit_trains_the_scope_head_without_changing_the_alignment(tmp_path, capl
         return train_main([
             "fit",
             *_tiny_args(tmp_path / name),
-            "--model.init_args.scope", scope,
-            "--model.init_args.scope_steps", "50",
+            *(["--model.init_args.scope.steps", "50"] if scope else
+              ["--model.init_args.scope", "null"]),
             "--data.init_args.unedited_answers", "dataset",
             "--data.init_args.max_replay", "16",
             "--trainer.max_epochs", "1",
@@ -176,7 +177,7 @@ def test_fit_trains_the_scope_head_without_changing_the_alignment(tmp_path, capl
         ])
 
     caplog.set_level("INFO", logger="lit_edit.methods.lte")
-    with_scope, without = fit("on", "true"), fit("off", "false")
+    with_scope, without = fit("on", True), fit("off", False)
     assert "scope head: " in caplog.text and "validation (" in caplog.text
     assert with_scope.model.scope_head.trained and without.model.scope_head is None
     on, off = with_scope.model.model.state_dict(), without.model.model.state_dict()
@@ -191,9 +192,9 @@ def test_fit_trains_the_scope_head_without_changing_the_alignment(tmp_path, capl
                          "--ckpt_path", str(tmp_path / "on" / "lte.ckpt")])
     assert cli.model.scope_head.trained and "test/retrieval_hit@1" in cli.trainer.callback_metrics
     caplog.set_level("WARNING", logger="lit_edit.methods.lte")
-    evaluate_main([*_tiny_args(tmp_path / "eval"), *common, "--model.init_args.scope", "false",
+    evaluate_main([*_tiny_args(tmp_path / "eval"), *common, "--model.init_args.scope", "null",
                    "--ckpt_path", str(tmp_path / "on" / "lte.ckpt")])
-    assert "scope head is not used (scope=False)" in caplog.text
+    assert "scope head is not used (scope: null)" in caplog.text
     with pytest.raises(ValueError, match="checkpoint has no trained scope head"):
         evaluate_main([*_tiny_args(tmp_path / "eval"), *common,
                        "--ckpt_path", str(tmp_path / "off" / "lte.ckpt")])
@@ -204,7 +205,7 @@ def test_fit_trains_the_scope_head_without_changing_the_alignment(tmp_path, capl
 def test_evaluate_sequential_logs_retrieval_hits(tmp_path):
     cli = evaluate_main([
         *_tiny_args(tmp_path),
-        "--model.init_args.scope", "false",
+        "--model.init_args.scope", "null",
         "--config", str(CONFIGS / "eval_sequential_10.yaml"),
         "--evaluation.protocol.init_args.group_size", "4",
         "--evaluation.exact_match", "false",

@@ -16,6 +16,7 @@ from lit_edit.editing import EditHandle
 from lit_edit.evaluation import Evaluation
 from lit_edit.records import EditRecord, QAPair
 from lit_edit.scoring import GeneratedAnswer, Generation, PairScore
+from lit_edit.settings import plain
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +58,9 @@ class EditorModule(L.LightningModule, metaclass=_EditorMeta):
         super().__init__()
         self.save_hyperparameters()
         self.backbone = Backbone.of(backbone)
-        self.hparams["backbone"] = self.backbone.to_hparam()  # plain values: safe to load
+        for key, value in list(self.hparams.items()):  # plain values: checkpoints load safely
+            self.hparams[key] = plain(value)
+        self.hparams["backbone"] = self.backbone.to_hparam()
         self.model = self.backbone.load_model()
         self.tokenizer = self.backbone.load_tokenizer()
         self.model.requires_grad_(False)

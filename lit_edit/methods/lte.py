@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import nn
@@ -14,15 +14,16 @@ from lit_edit.backbone import Backbone
 from lit_edit.data.collate import PairCollator
 from lit_edit.methods.base import EditorModule
 from lit_edit.methods.lte_editing import RetrievalEditing
-from lit_edit.nn.lte_lora import default_lora_targets, with_lora
+from lit_edit.nn.lora import LoraSettings, default_lora_targets, with_lora
 from lit_edit.nn.lte_positions import extend_context, set_dropout
 from lit_edit.nn.lte_states import QuestionStates
 from lit_edit.nn.lte_templates import ChatWrapper, TemplateName, template_text
 from lit_edit.nn.retrieval import DEFAULT_ENCODER, EditMemory, Retriever
-from lit_edit.nn.scope import ScopeHead
+from lit_edit.nn.scope import ScopeHead, ScopeSettings
 from lit_edit.nn.scope_training import ScopeTrainer
 from lit_edit.records import QAPair
 from lit_edit.schedules import warmup_cosine
+from lit_edit.settings import coerce
 from lit_edit.tokenization import IGNORE_INDEX, pad_sequences, pad_token_id
 
 log = logging.getLogger(__name__)
@@ -49,13 +50,12 @@ class LTEEditor(RetrievalEditing, EditorModule):
 
     Args:
         backbone: Model to align and edit (see :class:`~lit_edit.methods.base.EditorModule`).
-        finetune: ``"full"`` (every weight) or ``"lora"`` (low-rank adapters via peft).
-        lora_rank: LoRA rank r.
-        lora_alpha: LoRA scaling alpha.
-        lora_dropout: Dropout on the LoRA input.
-        lora_target_modules: Module names to adapt (default: the paper's q/v projections under
-            the architecture's names, see :func:`default_lora_targets`).
-        lora_modules_to_save: Modules trained fully beside the adapters (e.g. ``["wpe"]``).
+        lora: Align with low-rank adapters through peft (:class:`~lit_edit.nn.lora.LoraSettings`;
+            the paper's LTE-LoRA) instead of full fine-tuning (``None``, the default).
+        scope: A learned scope in front of the edit memory (an extension, not in the paper;
+            :class:`~lit_edit.nn.scope.ScopeSettings`): trained at each validation of ``fit``,
+            saved with the checkpoint; at editing time only the retrieved edits it puts in
+            scope go into the prompt (``None``: every retrieved edit does, the paper).
         lr: Peak learning rate (paper: 2e-5 full, 3e-4 LoRA, for 7B models).
         weight_decay: AdamW weight decay.
         warmup_ratio: Fraction of the optimizer steps spent warming up.
@@ -72,32 +72,10 @@ class LTEEditor(RetrievalEditing, EditorModule):
             path, or ``"hashing"`` (lexical, model-free).
         top_k: Facts retrieved per query (the paper: 1).
         key_dtype: Storage dtype of the memory's keys (see
-            :class:`~lit_edit.nn.retrieval.EditMemory`): ``"float16"``, or ``"int8"`` for the
+            :class:`~lit_edit.nn.edit_memory.EditMemory`): ``"float16"``, or ``"int8"`` for the
             fastest scan of a large memory on a CPU.
         threshold: Minimum cosine similarity of a retrieved fact (``None``: no threshold, the
             paper; a query whose facts all fall below it is asked bare).
-        scope: Learn which retrieved edits apply to a query (an extension, not in the paper): at
-            each validation of ``fit`` (on the weights of that moment), a
-            :class:`~lit_edit.nn.scope.ScopeHead` is trained on pairs of the datamodule's
-            training edit records (:func:`~lit_edit.nn.scope.scope_pairs`) over the retriever's
-            embeddings, and saved with the checkpoint; at editing time it scores each query's
-            ``scope_candidates`` nearest edits and only those with an in-scope probability of at
-            least ``scope_threshold`` are put in the prompt.
-        scope_threshold: Least in-scope probability of a retrieved fact.
-        scope_candidates: Nearest edits (by cosine) the scope head scores per query.
-        scope_steps: Training steps of the scope head (batches of 256 pairs).
-        scope_layer: Also give the scope head the backbone's hidden state of each question's
-            last token, ``hidden_states[scope_layer]`` (0: the embeddings): the model's own view
-            of what a question is about, which can link a question naming the subject's alias
-            to the edit (``None``: sentence embeddings only; see
-            :class:`~lit_edit.nn.lte_states.QuestionStates`).
-        scope_positives: In-scope training questions: ``"named"`` (portability questions that
-            name the subject) or ``"all"`` (every portability question; use with
-            ``scope_layer``, see :func:`~lit_edit.nn.scope.scope_pairs`).
-        scope_negatives: Other records' in-scope questions per record as out-of-scope pairs.
-        scope_hard_negatives: Per record, the in-scope questions of this many other records
-            whose edit questions are nearest by sentence embedding, as out-of-scope pairs (the
-            edits the retriever offers for its questions when many are in memory).
         template: ``"question"`` (the training wording, also LTE's retrieval evaluation) or
             ``"query"`` (the peer's single-edit evaluation wording, METHODS.md P12).
         use_chat_template: Wrap human turns with the tokenizer's chat template: ``None`` when it
@@ -107,12 +85,8 @@ class LTEEditor(RetrievalEditing, EditorModule):
     def __init__(
         self,
         backbone: Backbone | str = "tinyfacts",
-        finetune: Literal["full", "lora"] = "full",
-        lora_rank: int = 8,
-        lora_alpha: int = 16,
-        lora_dropout: float = 0.05,
-        lora_target_modules: list[str] | None = None,
-        lora_modules_to_save: list[str] | None = None,
+        lora: LoraSettings | None = None,
+        scope: ScopeSettings | None = None,
         lr: float = 2e-5,
         weight_decay: float = 0.0,
         warmup_ratio: float = 0.03,
@@ -123,41 +97,23 @@ class LTEEditor(RetrievalEditing, EditorModule):
         top_k: int = 1,
         key_dtype: str = "float16",
         threshold: float | None = None,
-        scope: bool = False,
-        scope_threshold: float = 0.5,
-        scope_candidates: int = 8,
-        scope_steps: int = 2000,
-        scope_layer: int | None = None,
-        scope_positives: Literal["named", "all"] = "named",
-        scope_negatives: int = 1,
-        scope_hard_negatives: int = 0,
         template: TemplateName = "question",
         use_chat_template: bool | None = None,
     ) -> None:
         super().__init__(backbone)
-        if finetune not in ("full", "lora"):
-            raise ValueError(f"finetune must be 'full' or 'lora', got {finetune!r}")
+        lora = coerce(LoraSettings, lora)
+        scope = coerce(ScopeSettings, scope)
         if top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {top_k}")
         if not 0.0 <= warmup_ratio < 1.0:
             raise ValueError(f"warmup_ratio must be in [0, 1), got {warmup_ratio}")
-        if not 0.0 <= scope_threshold <= 1.0:
-            raise ValueError(f"scope_threshold must be in [0, 1], got {scope_threshold}")
         layers = getattr(self.model.config, "num_hidden_layers", None)
-        if scope_layer is not None and not (
-            scope_layer >= 0 and (layers is None or scope_layer <= layers)
+        if scope is not None and scope.layer is not None and not (
+            scope.layer >= 0 and (layers is None or scope.layer <= layers)
         ):
-            raise ValueError(f"scope_layer must be in [0, {layers}], got {scope_layer}")
-        if scope_positives not in ("named", "all"):
-            raise ValueError(f"scope_positives must be 'named' or 'all', got {scope_positives!r}")
-        negatives = min(scope_negatives, scope_hard_negatives)
-        if scope_candidates < 1 or scope_steps < 1 or negatives < 0:
-            raise ValueError(
-                "scope_candidates and scope_steps must be >= 1, scope_negatives and "
-                f"scope_hard_negatives >= 0, got {scope_candidates}, {scope_steps}, "
-                f"{scope_negatives}, {scope_hard_negatives}"
-            )
-        self.finetune = finetune
+            raise ValueError(f"scope.layer must be in [0, {layers}], got {scope.layer}")
+        self.lora = lora
+        self.scope = scope
         self.lr = lr
         self.weight_decay = weight_decay
         self.warmup_ratio = warmup_ratio
@@ -170,30 +126,20 @@ class LTEEditor(RetrievalEditing, EditorModule):
             extend_context(self.model, context_length)
         if dropout is not None:
             set_dropout(self.model, dropout)
-        if finetune == "full":
+        if lora is None:
             self.model.requires_grad_(True)
         else:
-            self.model = with_lora(
-                self.model, lora_rank, lora_alpha, lora_dropout, lora_target_modules,
-                lora_modules_to_save,
-            )
+            self.model = with_lora(self.model, lora)
         self.memory = EditMemory(key_dtype)
         self.retriever_name = retriever
         self.top_k = top_k
         self.threshold = threshold
         self.scope_head = ScopeHead() if scope else None
-        self.scope_threshold = scope_threshold
-        self.scope_candidates = scope_candidates
-        self.scope_steps = scope_steps
-        self.scope_layer = scope_layer
-        self.scope_positives = scope_positives
-        self.scope_negatives = scope_negatives
-        self.scope_hard_negatives = scope_hard_negatives
-        self.question_states = None if scope_layer is None else QuestionStates(
+        self.question_states = None if scope is None or scope.layer is None else QuestionStates(
             self.model,
             lambda q: self.collator.encode(QAPair(self.wrap(q), "-")).prompt_ids,  # prompt only
             pad_token_id(self.tokenizer),
-            scope_layer,
+            scope.layer,
         )
         self._scope_trainer: ScopeTrainer | None = None
         self._retriever: Retriever | None = None
@@ -297,11 +243,11 @@ class LTEEditor(RetrievalEditing, EditorModule):
                 self.scope_head,
                 self.retriever.encoder,
                 self.question_states,
-                named_only=self.scope_positives == "named",
-                negatives=self.scope_negatives,
-                hard_negatives=self.scope_hard_negatives,
-                steps=self.scope_steps,
-                threshold=self.scope_threshold,
+                named_only=self.scope.positives == "named",
+                negatives=self.scope.negatives,
+                hard_negatives=self.scope.hard_negatives,
+                steps=self.scope.steps,
+                threshold=self.scope.threshold,
             )
             data = self.trainer.datamodule if self._trainer is not None else None
             records_of = getattr(data, "edit_records", None)
@@ -352,21 +298,21 @@ class LTEEditor(RetrievalEditing, EditorModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Match the checkpoint's scope head to this editor's ``scope`` setting.
 
-        A head in the checkpoint is dropped (with a warning) when ``scope`` is off, so that the
+        A head in the checkpoint is dropped (with a warning) when ``scope`` is null, so that the
         same aligned model can be evaluated without it.
 
         Raises:
-            ValueError: if ``scope`` is on and the checkpoint has no trained head.
+            ValueError: if ``scope`` is set and the checkpoint has no trained head.
         """
         super().on_load_checkpoint(checkpoint)
         self._forget_states()  # new weights
         state = checkpoint["state_dict"]
         key = "scope_head._extra_state"
         if self.scope_head is None and key in state:
-            log.warning("the checkpoint's scope head is not used (scope=False)")
+            log.warning("the checkpoint's scope head is not used (scope: null)")
             del state[key]
         elif self.scope_head is not None and not (state.get(key) or {}).get("weights"):
             raise ValueError(
-                "scope=True but the checkpoint has no trained scope head (aligned with "
-                "scope=False): evaluate with scope=False or align again with scope=True"
+                "scope is set but the checkpoint has no trained scope head (aligned without "
+                "one): evaluate with --model.init_args.scope null or align again with a scope"
             )

@@ -28,8 +28,8 @@ class RetrievalEditing:
                 self.top_k,
                 self.threshold,
                 scope=self.scope_head,
-                scope_threshold=self.scope_threshold,
-                candidates=self.scope_candidates,
+                scope_threshold=self.scope.threshold if self.scope else 0.5,
+                candidates=self.scope.candidates if self.scope else 8,
                 states=self.question_states,
             )
         return self._retriever

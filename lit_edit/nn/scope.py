@@ -26,7 +26,7 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +36,51 @@ from lit_edit.records import EditRecord
 
 #: A second view of a pair: ``(edit_states, query_states)``, ``[..., H]`` each.
 StatePair = tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class ScopeSettings:
+    """A learned scope in front of an edit memory, and how it is trained.
+
+    At each validation of ``fit`` (on the weights of that moment) a :class:`ScopeHead` is
+    trained on pairs of the training edit records (:func:`scope_pairs`) and saved with the
+    checkpoint; at editing time it scores each query's ``candidates`` nearest edits and only
+    those with an in-scope probability of at least ``threshold`` apply.
+
+    Args:
+        threshold: Least in-scope probability of a retrieved edit.
+        candidates: Nearest edits (by cosine) the head scores per query.
+        steps: Training steps of the head (batches of 256 pairs).
+        layer: Also give the head the edited model's hidden state of each question's last
+            token, ``hidden_states[layer]`` (0: the embeddings): the model's own view of what
+            a question is about, which can link a question naming the subject's alias to the
+            edit (``None``: sentence embeddings only).
+        positives: In-scope training questions: ``"named"`` (portability questions that name
+            the subject) or ``"all"`` (every portability question; use with ``layer``).
+        negatives: Other records' in-scope questions per record as out-of-scope pairs.
+        hard_negatives: Per record, the in-scope questions of this many other records whose
+            edit questions are nearest by sentence embedding, as out-of-scope pairs.
+    """
+
+    threshold: float = 0.5
+    candidates: int = 8
+    steps: int = 2000
+    layer: int | None = None
+    positives: Literal["named", "all"] = "named"
+    negatives: int = 1
+    hard_negatives: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.threshold <= 1.0:
+            raise ValueError(f"scope.threshold must be in [0, 1], got {self.threshold}")
+        if self.positives not in ("named", "all"):
+            raise ValueError(f"scope.positives must be 'named' or 'all', got {self.positives!r}")
+        if self.candidates < 1 or self.steps < 1 or min(self.negatives, self.hard_negatives) < 0:
+            raise ValueError(
+                "scope.candidates and scope.steps must be >= 1, scope.negatives and "
+                f"scope.hard_negatives >= 0, got {self.candidates}, {self.steps}, "
+                f"{self.negatives}, {self.hard_negatives}"
+            )
 
 
 @dataclass(frozen=True)

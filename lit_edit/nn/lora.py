@@ -1,8 +1,30 @@
-"""LoRA adapters for LTE's alignment (through peft): the paper's q/v targets per architecture."""
+"""LoRA adapters through peft: settings, and the q/v targets of LTE's paper per architecture."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from torch import nn
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """Low-rank adapters (peft) instead of full fine-tuning.
+
+    Args:
+        rank: LoRA rank r.
+        alpha: LoRA scaling alpha.
+        dropout: Dropout on the LoRA input.
+        target_modules: Module names to adapt (default: the query and value projections
+            under the architecture's names, see :func:`default_lora_targets`).
+        modules_to_save: Modules trained fully beside the adapters (e.g. ``["wpe"]``).
+    """
+
+    rank: int = 8
+    alpha: int = 16
+    dropout: float = 0.05
+    target_modules: list[str] | None = None
+    modules_to_save: list[str] | None = None
 
 
 def default_lora_targets(model: nn.Module) -> list[str]:
@@ -25,36 +47,25 @@ def default_lora_targets(model: nn.Module) -> list[str]:
         if all(n in leaves for n in names):
             return list(names)
     raise ValueError(
-        f"no known query/value projection in {type(model).__name__}: set lora_target_modules"
+        f"no known query/value projection in {type(model).__name__}: set lora.target_modules"
     )
 
 
-def with_lora(
-    model: nn.Module,
-    rank: int,
-    alpha: int,
-    dropout: float,
-    targets: list[str] | None,
-    to_save: list[str] | None,
-) -> nn.Module:
+def with_lora(model: nn.Module, settings: LoraSettings) -> nn.Module:
     """``model`` wrapped with LoRA adapters (peft); its own weights stay frozen.
 
     Args:
         model: A causal LM.
-        rank: LoRA rank r.
-        alpha: LoRA scaling alpha.
-        dropout: Dropout on the LoRA input.
-        targets: Module names to adapt (default: :func:`default_lora_targets`).
-        to_save: Modules trained fully beside the adapters (e.g. ``["wpe"]``).
+        settings: Rank, alpha, dropout, targets and fully trained modules.
     """
     from peft import LoraConfig, get_peft_model
 
     config = LoraConfig(
-        r=rank,
-        lora_alpha=alpha,
-        lora_dropout=dropout,
-        target_modules=targets or default_lora_targets(model),
-        modules_to_save=to_save,
+        r=settings.rank,
+        lora_alpha=settings.alpha,
+        lora_dropout=settings.dropout,
+        target_modules=list(settings.target_modules or default_lora_targets(model)),
+        modules_to_save=settings.modules_to_save,
         fan_in_fan_out=model.config.model_type == "gpt2",  # GPT-2's Conv1D is [in, out]
         bias="none",
         task_type="CAUSAL_LM",
