@@ -8,8 +8,8 @@
 * Retrieval: search of one query (and of a batch of 64, per query) in memories of 1k, 10k and
   100k keys. The keys are random unit vectors of the encoder's dimension (384): the search cost
   depends only on the sizes, and encoding 100k questions would take minutes. The query's own
-  embedding cost is printed separately. With the learned scope (``LTEEditor(scope=ScopeSettings())``) a
-  query searches its 8 nearest keys and the scope head scores them: timed as "with scope".
+  embedding cost is printed separately. With the learned scope (``LTEEditor(scope=...)``) a query
+  searches its 8 nearest keys and the scope head scores them: timed as "with scope".
 * Alignment: optimizer steps (forward, backward, AdamW) of LTEEditor's answer-only SFT loss on
   parallel samples built from TinyFacts records, length-bucketed batches as in training; tokens/s
   counts real (non-padding) tokens.
