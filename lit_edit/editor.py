@@ -53,6 +53,63 @@ class Editor(Protocol):
         ...
 
 
+@runtime_checkable
+class ParallelEdits(Protocol):
+    """``K`` independent single edits in effect at once: record ``k``'s queries see only edit ``k``.
+
+    What an editor's ``parallel_edit(records)`` returns (parallel single edits,
+    ``SingleEdit(parallel=K)``). Every call takes ``owners``: per pair (or prompt), the index of
+    the record whose edit it is answered under. Its ``restore()`` (or context exit) brings the
+    editor back bit-exactly.
+    """
+
+    def score_pairs(self, pairs: Sequence[QAPair], owners: Sequence[int]) -> list[PairScore]:
+        """Teacher-forced scores, pair ``i`` under edit ``owners[i]``."""
+        ...
+
+    def generate_answers(
+        self, pairs: Sequence[QAPair], owners: Sequence[int]
+    ) -> list[GeneratedAnswer]:
+        """Greedy answers, pair ``i`` under edit ``owners[i]``."""
+        ...
+
+    def sample(
+        self, prompts: Sequence[str], max_length: int, seed: int, owners: Sequence[int]
+    ) -> list[Generation]:
+        """Seeded samples, prompt ``i`` under edit ``owners[i]``."""
+        ...
+
+    def record_values(self, records: Sequence[EditRecord]) -> list[dict[str, float | None]]:
+        """Method-specific values of record ``k`` under edit ``k``."""
+        ...
+
+    def restore(self) -> None:
+        """Undo the edits."""
+        ...
+
+    def __enter__(self) -> ParallelEdits: ...
+
+    def __exit__(self, *exc: object) -> None: ...
+
+
+def apply_parallel_edits(editor: Editor, records: Sequence[EditRecord]) -> ParallelEdits:
+    """Apply every record's edit independently at once (``editor.parallel_edit``).
+
+    Runs with grad enabled outside inference mode, like :func:`apply_edit`.
+
+    Raises:
+        ValueError: if the editor has no parallel single edits.
+    """
+    parallel = getattr(editor, "parallel_edit", None)
+    if parallel is None:
+        raise ValueError(
+            f"{type(editor).__name__} has no parallel single edits: use "
+            "lit_edit.protocols.SingleEdit with parallel=1"
+        )
+    with torch.inference_mode(False), torch.enable_grad():
+        return parallel(records)
+
+
 def apply_edit(editor: Editor, records: Sequence[EditRecord]) -> EditHandle:
     """Call ``editor.edit(records)`` the way every protocol does.
 

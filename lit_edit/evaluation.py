@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from lit_edit.editor import Editor
+from lit_edit.editor import Editor, ParallelEdits
 from lit_edit.metrics.accuracy import record_agreement, record_exact_match, record_token_accuracy
 from lit_edit.metrics.counterfact import CounterFactRecordScores, contrast
 from lit_edit.metrics.fluency import ngram_entropy
@@ -136,25 +136,35 @@ class RecordEvaluator:
     def __init__(self, settings: Evaluation) -> None:
         self.settings = settings
 
-    def measure(self, editor: Editor, records: Sequence[EditRecord]) -> list[RecordMeasure]:
+    def measure(
+        self,
+        editor: Editor | ParallelEdits,
+        records: Sequence[EditRecord],
+        parallel: bool = False,
+    ) -> list[RecordMeasure]:
         """Score every pair of every record (and generate, if configured) in batched calls.
 
         Args:
-            editor: The editor, in the state to measure.
+            editor: The editor, in the state to measure; with ``parallel``, the view of the
+                records' independent edits (:class:`~lit_edit.editor.ParallelEdits`), record
+                ``k`` measured under edit ``k``.
             records: The records.
+            parallel: Measure each record under its own edit of a parallel view.
 
         Returns:
             One measure per record, in order.
         """
         pairs: list[QAPair] = []
+        owners: list[int] = []
 
         def add(pair: QAPair) -> int:
             """Queue a pair for scoring; return its index among the queued pairs."""
             pairs.append(pair)
+            owners.append(k)
             return len(pairs) - 1
 
         plans = []
-        for r in records:
+        for k, r in enumerate(records):
             plan: dict[str, Any] = {
                 "edit": add(r.edit_pair),
                 "rephrase": [add(p) for p in r.rephrase_pairs],
@@ -169,17 +179,20 @@ class RecordEvaluator:
                     add(QAPair(p.prompt, r.target_new)) for p in r.locality.get("neighborhood", ())
                 ]
             plans.append(plan)
-        scores = editor.score_pairs(pairs)
+        scores = editor.score_pairs(pairs, owners) if parallel else editor.score_pairs(pairs)
         measures = [self._assemble(r, plan, scores) for r, plan in zip(records, plans, strict=True)]
         record_values = getattr(editor, "record_values", None)  # optional for duck-typed editors
         if record_values is not None:
             for m, extra in zip(measures, record_values(records), strict=True):
                 m.extra = dict(extra)
         if self.settings.exact_match:
-            self._add_answers(editor, records, measures)
+            self._add_answers(editor, records, measures, parallel)
         if self.settings.fluency:
-            texts = editor.sample(
-                [r.prompt for r in records], self.settings.fluency_max_length, self.settings.seed
+            prompts = [r.prompt for r in records]
+            length, seed = self.settings.fluency_max_length, self.settings.seed
+            texts = (
+                editor.sample(prompts, length, seed, list(range(len(records)))) if parallel
+                else editor.sample(prompts, length, seed)
             )
             for m, gen in zip(measures, texts, strict=True):
                 m.fluency_text = gen.full_text
@@ -214,7 +227,10 @@ class RecordEvaluator:
 
     @staticmethod
     def _add_answers(
-        editor: Editor, records: Sequence[EditRecord], measures: list[RecordMeasure]
+        editor: Editor | ParallelEdits,
+        records: Sequence[EditRecord],
+        measures: list[RecordMeasure],
+        parallel: bool = False,
     ) -> None:
         """Greedy answers of the edit, rephrase and portability pairs, in one batched call."""
         pairs: list[QAPair] = []
@@ -226,7 +242,11 @@ class RecordEvaluator:
             for group in r.portability.values():
                 pairs.extend(group)
             spans.append(start)
-        answers: list[GeneratedAnswer] = editor.generate_answers(pairs)
+        owners = [k for k, start in enumerate(spans)
+                  for _ in range(start, spans[k + 1] if k + 1 < len(spans) else len(pairs))]
+        answers: list[GeneratedAnswer] = (
+            editor.generate_answers(pairs, owners) if parallel else editor.generate_answers(pairs)
+        )
         for r, m, start in zip(records, measures, spans, strict=True):
             i = start
             m.answers["reliability"] = [answers[i]]

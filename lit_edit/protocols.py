@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 from lit_edit.editing import HandleStack
-from lit_edit.editor import Editor, apply_edit
+from lit_edit.editor import Editor, apply_edit, apply_parallel_edits
 from lit_edit.records import EditRecord
 
 if TYPE_CHECKING:
@@ -139,15 +139,34 @@ def _tick(progress: Callable[[int], None] | None, n: int) -> None:
 class SingleEdit(EditingProtocol):
     """Edit one record, score it, restore; for every record (EasyEdit's default protocol).
 
+    With ``parallel=K``, ``K`` records are edited independently at once and each is scored
+    under its own edit only, in shared batched forwards (``editor.parallel_edit``, see
+    :class:`~lit_edit.editor.ParallelEdits`): the same values as one by one (up to float
+    rounding for weight edits), for a fraction of the forwards. Editors without parallel
+    single edits are refused at the start.
+
     Args:
         chunk_size: Records scored together before editing (pre-edit scores are computed for a
-            whole chunk in batched forwards). Does not change any value.
+            whole chunk in batched forwards, length-bucketed across the chunk). Does not change
+            any value.
+        parallel: Independent single edits applied and scored at once (1: one by one).
     """
 
-    def __init__(self, chunk_size: int = 32) -> None:
+    def __init__(self, chunk_size: int = 256, parallel: int = 1) -> None:
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        if parallel < 1:
+            raise ValueError(f"parallel must be >= 1, got {parallel}")
         self.chunk_size = chunk_size
+        self.parallel = parallel
+
+    def check(self, editor: Editor) -> None:
+        """Refuse ``parallel > 1`` for an editor without parallel single edits."""
+        if self.parallel > 1 and getattr(editor, "parallel_edit", None) is None:
+            raise ValueError(
+                f"{type(editor).__name__} has no parallel single edits: use "
+                "lit_edit.protocols.SingleEdit with parallel: 1"
+            )
 
     @property
     def group_size(self) -> int:
@@ -158,16 +177,23 @@ class SingleEdit(EditingProtocol):
         """Edit, score and restore each record in turn (see :meth:`EditingProtocol.run`)."""
         pre = evaluator.measure(editor, records)
         post = []
-        for record in records:
-            with apply_edit(editor, [record]):
-                _tick(progress, 1)
-                post.extend(evaluator.measure(editor, [record]))
+        if self.parallel > 1:
+            for i in range(0, len(records), self.parallel):
+                chunk = list(records[i : i + self.parallel])
+                with apply_parallel_edits(editor, chunk) as view:
+                    _tick(progress, len(chunk))
+                    post.extend(evaluator.measure(view, chunk, parallel=True))
+        else:
+            for record in records:
+                with apply_edit(editor, [record]):
+                    _tick(progress, 1)
+                    post.extend(evaluator.measure(editor, [record]))
         n = len(records)
         return self._results(records, evaluator, pre, post, group, [0] * n, [1] * n)
 
     def describe(self) -> dict[str, Any]:
         """Name and settings."""
-        return {"protocol": "single"}
+        return {"protocol": "single", "parallel": self.parallel}
 
 
 class BatchEdit(EditingProtocol):

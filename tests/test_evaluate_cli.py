@@ -58,7 +58,7 @@ def test_evaluate_writes_the_results_folder(config, tmp_path, capsys):
     assert summary["reliability"] == pytest.approx(
         sum(r["post"]["reliability"] for r in rows) / len(rows)
     )
-    assert summary["protocol"] == {"protocol": "single"}
+    assert summary["protocol"] == {"protocol": "single", "parallel": 1}
     assert summary["n_records"] == 6
     assert (out / "table.md").read_text().startswith("| Method | Edit Succ.")
     assert (out / "sequential.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

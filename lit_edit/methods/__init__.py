@@ -5,5 +5,6 @@ from lit_edit.methods.ft import FTEditor
 from lit_edit.methods.ike import IKEEditor
 from lit_edit.methods.lte import LTEEditor
 from lit_edit.methods.mend import MENDEditor
+from lit_edit.methods.noedit import NoEdit
 
-__all__ = ["EditorModule", "FTEditor", "IKEEditor", "LTEEditor", "MENDEditor"]
+__all__ = ["EditorModule", "FTEditor", "IKEEditor", "LTEEditor", "MENDEditor", "NoEdit"]

@@ -7,13 +7,15 @@ from typing import Literal
 
 import torch
 
-from lit_edit.backbone import Backbone, find_parameter
+from lit_edit.backbone import Backbone, find_module, find_parameter
 from lit_edit.data.collate import PairCollator
 from lit_edit.editing import EditHandle, WeightsHandle
 from lit_edit.methods.base import EditorModule
 from lit_edit.nn.edit_optim import optimise
-from lit_edit.nn.layout import mlp_out_name
+from lit_edit.nn.layout import matrix_layout, mlp_out_name
 from lit_edit.nn.losses import masked_nll
+from lit_edit.nn.row_deltas import RowDeltas
+from lit_edit.parallel_edits import RowDeltaEdits
 from lit_edit.records import EditRecord
 from lit_edit.tokenization import IGNORE_INDEX
 
@@ -64,6 +66,11 @@ class FTEditor(EditorModule):
         names = inner_params or [f"{mlp_out_name(self.model, -1)}.weight"]
         self.inner_names = list(names)
         self.inner = [find_parameter(self.model, n) for n in self.inner_names]
+        self._layers = {}  # module name -> (layer, layout), for parallel single edits
+        for name in self.inner_names:
+            module_name = name.removesuffix(".weight")
+            layer = find_module(self.model, module_name)
+            self._layers[module_name] = (layer, matrix_layout(name, layer))
         self.objective = objective
         self.lr = lr
         self.steps = steps
@@ -99,13 +106,64 @@ class FTEditor(EditorModule):
         )
         return handle
 
-    def _loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The edit loss of the configured objective on a right-padded pair batch."""
+    def parallel_edit(self, records: Sequence[EditRecord]) -> RowDeltaEdits:
+        """``K`` independent single edits, fine-tuned together as one batched problem.
+
+        Each record gets its own copy of the inner matrices as ``W + D_k`` (``D`` stacked,
+        ``[K, *W.shape]``): row ``k`` of the edit batch runs with ``D_k``
+        (:class:`~lit_edit.nn.row_deltas.RowDeltas`), the loss is the sum of the per-record
+        losses, and Adam (elementwise) moves each ``D_k`` exactly as it would move ``W`` in that
+        record's own edit; a record that reaches ``early_stop_loss`` is frozen there. The
+        backbone's weights are not changed.
+
+        Raises:
+            ValueError: with ``weight_decay`` (it would act on ``D_k``, not on ``W + D_k``).
+        """
+        if self.weight_decay:
+            raise ValueError("parallel single edits of FT need weight_decay: 0")
+        deltas = {
+            name: torch.zeros(len(records), *layer.weight.shape, device=self.device)
+            for name, (layer, _) in self._layers.items()
+        }
+        rows = RowDeltas(self._layers, deltas)
+        collate = PairCollator(self.tokenizer, padding_side="right")
+        batch = collate([r.edit_pair for r in records])  # row k: record k's edit
+        batch = {k: v.to(self.device) for k, v in batch.items() if torch.is_tensor(v)}
+        owners = list(range(len(records)))
+
+        def losses() -> torch.Tensor:
+            """Per-record losses, each row under its own delta."""
+            with rows.rows(owners):
+                return self._loss(batch, per_row=True)
+
+        optimise(
+            list(deltas.values()),
+            losses,
+            self.steps,
+            self.lr,
+            stop_below=self.early_stop_loss,
+            linf_radius=self.norm_constraint,
+        )
+        for d in deltas.values():
+            d.requires_grad_(False)
+        return RowDeltaEdits(self, rows)
+
+    def _loss(self, batch: dict[str, torch.Tensor], per_row: bool = False) -> torch.Tensor:
+        """The edit loss of the configured objective on a right-padded pair batch.
+
+        Args:
+            batch: ``input_ids``, ``attention_mask``, ``labels`` (``[B, L]``).
+            per_row: Return each row's loss (``[B]``: the mean over its own answer tokens)
+                instead of the batch loss.
+        """
         logits = self.model(
             input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
         ).logits  # [B, L, V]
         labels = batch["labels"]  # [B, L], -100 outside the answers
         if self.objective == "masked":
+            if per_row:
+                return torch.stack([masked_nll(logits[i : i + 1], labels[i : i + 1])
+                                    for i in range(labels.shape[0])])
             return masked_nll(logits, labels)
         logp = logits[:, :-1].float().log_softmax(-1)  # [B, L-1, V] predicts tokens 1..L-1
         target = labels[:, 1:]  # [B, L-1]
@@ -115,4 +173,5 @@ class FTEditor(EditorModule):
         rows = torch.arange(labels.shape[0], device=labels.device)
         last_logp = logp[rows, first]  # [B, V]
         per_token = last_logp.gather(-1, target.clamp(min=0))  # [B, L-1]
-        return -((per_token * mask).sum(-1) / mask.sum(-1)).mean()
+        rows = -(per_token * mask).sum(-1) / mask.sum(-1)  # [B]
+        return rows if per_row else rows.mean()

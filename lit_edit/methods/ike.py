@@ -8,6 +8,7 @@ from typing import Any
 from lit_edit.backbone import Backbone
 from lit_edit.editing import CallbackHandle, EditHandle
 from lit_edit.methods.base import EditorModule
+from lit_edit.parallel_edits import PromptEdits
 from lit_edit.records import EditRecord
 
 
@@ -72,6 +73,21 @@ class IKEEditor(EditorModule):
             del self.memory[size:]
 
         return CallbackHandle(undo)
+
+    def parallel_edit(self, records: Sequence[EditRecord]) -> PromptEdits:
+        """``K`` independent single edits: each query gets only its own record's fact."""
+        facts = [r.fact for r in records]
+        memory = list(self.memory)
+
+        def contexts(prompts: Sequence[str], owners: Sequence[int]) -> list[str]:
+            """Each prompt with the memory's facts and its owner's fact in front."""
+            out = []
+            for prompt, k in zip(prompts, owners, strict=True):
+                shown = "\n".join([*memory, facts[k]][-self.max_facts :])
+                out.append(self.template.format(facts=shown, prompt=prompt))
+            return out
+
+        return PromptEdits(self, contexts)
 
     def contextualise(self, prompts: Sequence[str]) -> list[str]:
         """The prompts with the memory's facts in front (the bare prompts when memory is empty)."""

@@ -17,6 +17,8 @@ from lit_edit.nn.hooks import capture_factors
 from lit_edit.nn.layout import matrix_layout, mlp_parameter_names
 from lit_edit.nn.losses import agreement, locality_kl, masked_nll, token_accuracy
 from lit_edit.nn.mend import MENDNetwork
+from lit_edit.nn.row_deltas import RowDeltas
+from lit_edit.parallel_edits import RowDeltaEdits
 from lit_edit.records import EditRecord
 from lit_edit.tokenization import pad_token_id, stack_right_padded
 
@@ -202,6 +204,47 @@ class MENDEditor(EditorModule):
             for param, delta in zip(self.inner, deltas, strict=True):
                 param.add_(delta.to(param.dtype))
         return handle
+
+    def parallel_edit(self, records: Sequence[EditRecord]) -> RowDeltaEdits:
+        """``K`` independent single edits from one forward/backward and one network pass.
+
+        The edit batch holds one row per record; its loss is the sum of the per-record edit
+        NLLs, so each row's factors are those of its record alone; the network transforms every
+        factor row, and the updates are summed per record (:meth:`MENDNetwork.grouped`). Row
+        ``k`` of later batches runs with record ``k``'s matrices
+        (:class:`~lit_edit.nn.row_deltas.RowDeltas`); the backbone's weights are not changed.
+        """
+        was_training = self.network.training
+        batch = move_batch_to_device(self.collator.pairs([r.edit_pair for r in records]),
+                                     self.device)
+        labels = batch["labels"]  # [K, L]
+
+        def loss(logits: torch.Tensor) -> torch.Tensor:
+            """The sum of the per-record mean NLLs (each row's gradient is its own edit's)."""
+            return sum(masked_nll(logits[k : k + 1], labels[k : k + 1])
+                       for k in range(labels.shape[0]))
+
+        self.network.eval()  # statistics are frozen outside training
+        try:
+            with torch.no_grad():
+                factors, _ = capture_factors(
+                    self.model, self.inner_names, self._layers, loss, by_row=True,
+                    input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                )
+                stacks = self.network.grouped(factors, len(records))
+        finally:
+            self.network.train(was_training)
+        layers = {
+            name.removesuffix(".weight"): (layer, matrix)
+            for name, layer, matrix in zip(
+                self.inner_names, self._layers, self.network.matrices, strict=True
+            )
+        }
+        deltas = {
+            name.removesuffix(".weight"): stack.to(param.dtype)
+            for name, param, stack in zip(self.inner_names, self.inner, stacks, strict=True)
+        }
+        return RowDeltaEdits(self, RowDeltas(layers, deltas))
 
     # ------------------------------------------------------------------ training
     def collate(self, records: Sequence[EditRecord]) -> dict[str, Any]:

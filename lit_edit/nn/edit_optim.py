@@ -33,6 +33,14 @@ def optimise(
     ``params`` require grad only inside the loop (their flags and gradients are restored and
     cleared after it); the loop runs with grad enabled whatever the caller's mode.
 
+    **K problems at once.** When ``loss_fn`` returns a vector ``[K]`` (one loss per
+    independent problem) every param must have a leading dimension ``K`` whose slice ``k``
+    only affects loss ``k``: the loop then solves the K problems together, each exactly as it
+    would be alone (Adam and SGD are elementwise, and the gradient of ``Σ_k L_k`` with respect
+    to slice ``k`` is that of ``L_k``): a problem whose loss meets the stop rule is frozen
+    (excluded from the sum, its slices restored after every later step) and the loop ends when
+    all have stopped. The returned losses are then lists of K values.
+
     Args:
         params: Leaf tensors to optimise (parameters or plain tensors).
         loss_fn: Computes the scalar loss from the current ``params``.
@@ -51,7 +59,8 @@ def optimise(
             norm bound.
 
     Returns:
-        The loss of every step taken (the last one included when it triggered the stop).
+        The loss of every step taken (the last one included when it triggered the stop); with
+        a vector loss, one list of K values per step.
 
     Raises:
         ValueError: on an unknown optimizer or a mask list of the wrong length.
@@ -63,7 +72,9 @@ def optimise(
     params = list(params)
     originals = [p.detach().clone() for p in params] if linf_radius is not None else None
     flags = [p.requires_grad for p in params]
-    losses: list[float] = []
+    losses: list = []
+    frozen: list[torch.Tensor] | None = None  # K problems: values of the stopped slices
+    stopped: torch.Tensor | None = None  # [K] bool
     with torch.inference_mode(False), torch.enable_grad():
         for p in params:
             p.requires_grad_(True)
@@ -73,6 +84,36 @@ def optimise(
             for _ in range(steps):
                 opt.zero_grad(set_to_none=True)
                 loss = loss_fn()
+                if loss.dim() == 1:  # K independent problems
+                    values = loss.detach()
+                    if stopped is None:
+                        stopped = torch.zeros(values.shape[0], dtype=torch.bool)
+                        frozen = [p.detach().clone() for p in params]
+                    previous = torch.tensor(losses[-1]) if losses else None
+                    losses.append(values.tolist())
+                    if stop_below is not None:
+                        now = values.cpu() < stop_below
+                        if stop_change is not None:
+                            if previous is None:
+                                now = torch.zeros_like(now)
+                            else:
+                                now &= (previous - values.cpu()).abs() <= stop_change
+                        newly = now & ~stopped
+                        with torch.no_grad():
+                            for p, f in zip(params, frozen, strict=True):
+                                rows = newly.to(p.device)
+                                f[rows] = p.detach()[rows]
+                        stopped |= now
+                    if bool(stopped.all()):
+                        break
+                    loss = loss[~stopped.to(loss.device)].sum()
+                    loss.backward()
+                    _step(opt, params, grad_masks, originals, linf_radius, project)
+                    with torch.no_grad():
+                        for p, f in zip(params, frozen, strict=True):
+                            rows = stopped.to(p.device)
+                            p[rows] = f[rows]
+                    continue
                 value = loss.item()
                 previous = losses[-1] if losses else None
                 losses.append(value)
@@ -82,20 +123,32 @@ def optimise(
                 ):
                     break
                 loss.backward()
-                if grad_masks is not None:
-                    for p, mask in zip(params, grad_masks, strict=True):
-                        if mask is not None and p.grad is not None:
-                            p.grad.mul_(mask)
-                opt.step()
-                with torch.no_grad():
-                    if originals is not None:
-                        c = linf_radius
-                        for p, p0 in zip(params, originals, strict=True):
-                            p.copy_(torch.minimum(torch.maximum(p, p0 - c), p0 + c))
-                    if project is not None:
-                        project()
+                _step(opt, params, grad_masks, originals, linf_radius, project)
         finally:
             for p, flag in zip(params, flags, strict=True):
                 p.requires_grad_(flag)
                 p.grad = None
     return losses
+
+
+def _step(
+    opt: torch.optim.Optimizer,
+    params: Sequence[torch.Tensor],
+    grad_masks: Sequence[torch.Tensor | None] | None,
+    originals: Sequence[torch.Tensor] | None,
+    linf_radius: float | None,
+    project: Callable[[], None] | None,
+) -> None:
+    """Mask the gradients, step, then clamp around the starting values and project."""
+    if grad_masks is not None:
+        for p, mask in zip(params, grad_masks, strict=True):
+            if mask is not None and p.grad is not None:
+                p.grad.mul_(mask)
+    opt.step()
+    with torch.no_grad():
+        if originals is not None:
+            c = linf_radius
+            for p, p0 in zip(params, originals, strict=True):
+                p.copy_(torch.minimum(torch.maximum(p, p0 - c), p0 + c))
+        if project is not None:
+            project()

@@ -92,6 +92,17 @@ class LayerCapture:
             RuntimeError: if a layer did not run, or its output does not depend on trainable
                 tensors (nothing to differentiate).
         """
+        return [(u, d) for u, d, _ in self.factors_by_row(loss)]
+
+    def factors_by_row(
+        self, loss: torch.Tensor
+    ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Like :meth:`factors`, with the batch row each factor row comes from.
+
+        Returns:
+            ``(u [N, d_in], δ [N, d_out], rows [N])`` per layer: ``rows[t]`` is the batch index
+            of token ``t`` (to split the gradient of a batch of independent edits by edit).
+        """
         missing = [n for n in self.modules if n not in self._outputs]
         if missing:
             raise RuntimeError(f"layers {missing} did not run in the captured forward pass")
@@ -102,12 +113,16 @@ class LayerCapture:
         grads = torch.autograd.grad(loss, outputs, allow_unused=True)
         result = []
         for name, out, grad in zip(names, outputs, grads, strict=True):
-            u = self._inputs[name].reshape(-1, self._inputs[name].shape[-1])  # [B*L, d_in]
+            x = self._inputs[name]  # [B, L, d_in]
+            u = x.reshape(-1, x.shape[-1])  # [B*L, d_in]
             if grad is None:
                 grad = torch.zeros_like(out)
             delta = grad.detach().reshape(-1, out.shape[-1])  # [B*L, d_out]
             keep = (u != 0).any(-1) & (delta != 0).any(-1)  # [B*L]
-            result.append((u[keep], delta[keep]))
+            rows = torch.arange(x.shape[0], device=u.device).repeat_interleave(
+                x.shape[1] if x.dim() == 3 else 1
+            )  # [B*L]
+            result.append((u[keep], delta[keep], rows[keep]))
         self._outputs.clear()
         self._inputs.clear()
         return result
@@ -118,8 +133,9 @@ def capture_factors(
     names: Sequence[str],
     modules: Sequence[nn.Module],
     loss_fn: Callable[[torch.Tensor], torch.Tensor],
+    by_row: bool = False,
     **inputs: torch.Tensor,
-) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
+) -> tuple[list[tuple[torch.Tensor, ...]], torch.Tensor]:
     """Run ``model`` once with hooks on ``modules`` and return the factors of ``loss_fn``.
 
     The model's own parameters are neither changed nor asked for gradients: the weights of
@@ -131,16 +147,17 @@ def capture_factors(
         names: Weight names of the edited matrices (``<module>.weight``).
         modules: The layers owning them, same order.
         loss_fn: Maps the ``[B, L, V]`` logits to a scalar loss.
+        by_row: Also return each factor row's batch row (:meth:`LayerCapture.factors_by_row`).
         **inputs: Model inputs (``input_ids``, ``attention_mask``).
 
     Returns:
-        ``(factors, loss)``: one ``(u, δ)`` pair per matrix (see :meth:`LayerCapture.factors`)
-        and the detached loss.
+        ``(factors, loss)``: one ``(u, δ)`` pair per matrix (see :meth:`LayerCapture.factors`;
+        ``(u, δ, rows)`` with ``by_row``) and the detached loss.
     """
     params = dict(model.named_parameters())
     leaves = {n: params[n].detach().requires_grad_(True) for n in names}
     with torch.enable_grad(), LayerCapture(dict(zip(names, modules, strict=True))) as capture:
         logits = functional_call(model, leaves, args=(), kwargs=inputs).logits  # [B, L, V]
         loss = loss_fn(logits)
-        factors = capture.factors(loss)
+        factors = capture.factors_by_row(loss) if by_row else capture.factors(loss)
     return factors, loss.detach()

@@ -244,6 +244,40 @@ class MENDNetwork(nn.Module):
         u2, d2 = self.transforms[self.keys[index]](u, delta, self.modes[index])
         return outer_sum(u2, d2, m.transposed)
 
+    def grouped(
+        self, factors: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], n_groups: int
+    ) -> list[torch.Tensor]:
+        """The update of every matrix for each of ``n_groups`` independent edits.
+
+        The transform acts on each factor row alone, so transforming the rows of several edits
+        together and summing ``δ′ u′ᵀ`` per edit gives each edit's own update.
+
+        Args:
+            factors: One ``(u [N_i, d_in], δ [N_i, d_out], groups [N_i])`` per matrix, in order;
+                ``groups[t]`` in ``[0, n_groups)`` is the edit row ``t`` belongs to.
+            n_groups: Number of edits.
+
+        Returns:
+            One ``[n_groups, *weight shape]`` float32 stack of updates per matrix.
+        """
+        if len(factors) != len(self.matrices):
+            raise ValueError(
+                f"expected factors for {len(self.matrices)} matrices, got {len(factors)}"
+            )
+        sign = -1.0 if self.descent else 1.0
+        out = []
+        for i, (u, d, groups) in enumerate(factors):
+            m = self.matrices[i]
+            u2, d2 = self.transforms[self.keys[i]](u, d, self.modes[i])  # [N, d_in], [N, d_out]
+            shape = (m.d_out, m.d_in) if m.transposed else (m.d_in, m.d_out)
+            stack = u2.new_zeros(n_groups, *shape)  # [K, *weight shape]
+            for k in range(n_groups):
+                rows = groups == k
+                if bool(rows.any()):
+                    stack[k] = outer_sum(u2[rows], d2[rows], m.transposed)
+            out.append(sign * self.edit_lrs[i] * stack)
+        return out
+
     def forward(self, factors: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
         """The additive update of every matrix: ``W′_i = W_i + update_i``.
 

@@ -3,8 +3,8 @@
 Prompts are left padded and fed with their attention mask and explicit position ids (counting
 real tokens only), then decoded one token per step with the model's key/value cache, so a batched
 row generates exactly what the same prompt generates alone. A model whose output carries no
-``past_key_values`` (e.g. a wrapper without cache support) is fed the whole sequence at each step
-instead, with the same result.
+cache (``cache``, or ``past_key_values`` in older transformers; e.g. a wrapper without cache
+support) is fed the whole sequence at each step instead, with the same result.
 """
 
 from __future__ import annotations
@@ -19,16 +19,22 @@ from transformers import PreTrainedTokenizerBase
 
 from lit_edit.records import QAPair
 from lit_edit.scoring.utils import (
+    RowContext,
+    cache_argument,
     evaluating,
     length_sorted_batches,
     model_device,
+    output_cache,
     output_logits,
+    owner_context,
     truncate_prompt,
 )
 from lit_edit.tokenization import encode_pair, pad_sequences, pad_token_id, position_ids_from_mask
 
-# picks the next token of each row: (logits [B, V] float32, prompt tokens of each row) -> [B] long
-_Picker = Callable[[torch.Tensor, Sequence[tuple[int, ...]]], torch.Tensor]
+# a generated item: (prompt tokens, owner: the edit it is generated under, -1 for none)
+_Item = tuple[tuple[int, ...], int]
+# picks the next token of each row: (logits [B, V] float32, the item of each row) -> [B] long
+_Picker = Callable[[torch.Tensor, Sequence[_Item]], torch.Tensor]
 
 
 @dataclass(frozen=True, eq=False)
@@ -79,19 +85,28 @@ def _generate_ids(
     pick: _Picker,
     stop_at_eos: bool,
     batch_size: int,
+    owners: Sequence[int] | None = None,
+    row_context: RowContext | None = None,
 ) -> list[list[int]]:
-    """Generate up to ``budgets[i]`` tokens after each prompt; identical prompts run once."""
+    """Generate up to ``budgets[i]`` tokens after each prompt; identical prompts run once.
+
+    With ``owners`` (parallel single edits), prompts are identical only under the same owner,
+    and each batch's decoding loop runs inside ``row_context(owners of its rows)``.
+    """
     for ids in prompts:
         if not ids:
             raise ValueError("cannot generate from an empty prompt (no token, no BOS)")
-    unique: dict[tuple[int, ...], int] = {}
-    for ids in prompts:
-        unique.setdefault(tuple(ids), len(unique))
+    if owners is not None and len(owners) != len(prompts):
+        raise ValueError(f"{len(owners)} owners for {len(prompts)} prompts")
+    keys = [(tuple(ids), -1 if owners is None else owners[i]) for i, ids in enumerate(prompts)]
+    unique: dict[_Item, int] = {}
+    for key in keys:
+        unique.setdefault(key, len(unique))
     item_budget = [0] * len(unique)
-    for ids, budget in zip(prompts, budgets, strict=True):
+    for key, budget in zip(keys, budgets, strict=True):
         if budget < 0:
             raise ValueError(f"the number of new tokens must be >= 0, got {budget}")
-        item = unique[tuple(ids)]
+        item = unique[key]
         item_budget[item] = max(item_budget[item], budget)
     items = list(unique)
     outputs: list[list[int]] = [[] for _ in items]
@@ -99,26 +114,25 @@ def _generate_ids(
     pad_id = pad_token_id(tokenizer)
     device = model_device(model)
     with evaluating(model):
-        for batch in length_sorted_batches([len(ids) for ids in items], batch_size):
-            new = _decode_batch(
-                model,
-                [items[i] for i in batch],
-                [item_budget[i] for i in batch],
-                pick,
-                eos,
-                pad_id,
-                device,
-            )
+        for batch in length_sorted_batches([len(ids) for ids, _ in items], batch_size):
+            with owner_context(row_context, [items[i][1] for i in batch]):
+                new = _decode_batch(
+                    model,
+                    [items[i] for i in batch],
+                    [item_budget[i] for i in batch],
+                    pick,
+                    eos,
+                    pad_id,
+                    device,
+                )
             for i, ids in zip(batch, new, strict=True):
                 outputs[i] = ids
-    return [
-        outputs[unique[tuple(ids)]][:budget] for ids, budget in zip(prompts, budgets, strict=True)
-    ]
+    return [outputs[unique[key]][:budget] for key, budget in zip(keys, budgets, strict=True)]
 
 
 def _decode_batch(
     model: nn.Module,
-    prompts: Sequence[tuple[int, ...]],
+    items: Sequence[_Item],
     budgets: Sequence[int],
     pick: _Picker,
     eos: int | None,
@@ -126,12 +140,13 @@ def _decode_batch(
     device: torch.device,
 ) -> list[list[int]]:
     """The decoding loop on one left-padded batch; returns each row's new tokens (no EOS)."""
-    ids, mask = pad_sequences(prompts, pad_id, "left")  # [B, P]
+    ids, mask = pad_sequences([p for p, _ in items], pad_id, "left")  # [B, P]
     ids, mask = ids.to(device), mask.to(device)
     positions = position_ids_from_mask(mask)  # [B, P]
     budget = torch.tensor(list(budgets), device=device)  # [B]
     done = budget == 0  # [B]
     past = None
+    name = cache_argument(model)
     new: list[torch.Tensor] = []
     for step in range(max(budgets, default=0)):
         if past is None:
@@ -142,12 +157,12 @@ def _decode_batch(
             input_ids=step_ids,
             attention_mask=mask,
             position_ids=step_pos,
-            past_key_values=past,
             use_cache=True,
+            **{name: past},
         )
-        past = getattr(out, "past_key_values", None)
+        past = output_cache(out)
         logits = output_logits(out)[:, -1].float()  # [B, V]
-        token = pick(logits, prompts).to(device)  # [B]
+        token = pick(logits, items).to(device)  # [B]
         token = torch.where(done, torch.full_like(token, pad_id), token)
         new.append(token)
         done = done | (budget <= step + 1)
@@ -158,7 +173,7 @@ def _decode_batch(
         ids = torch.cat([ids, token[:, None]], dim=1)  # [B, L + 1]
         positions = torch.cat([positions, positions[:, -1:] + 1], dim=1)  # [B, L + 1]
         mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)  # [B, L + 1]
-    tokens = torch.stack(new, dim=1).tolist() if new else [[] for _ in prompts]  # [B, S]
+    tokens = torch.stack(new, dim=1).tolist() if new else [[] for _ in items]  # [B, S]
     rows: list[list[int]] = []
     for row, limit in zip(tokens, budgets, strict=True):
         row = row[:limit]
@@ -168,7 +183,7 @@ def _decode_batch(
     return rows
 
 
-def _greedy(logits: torch.Tensor, prompts: Sequence[tuple[int, ...]]) -> torch.Tensor:
+def _greedy(logits: torch.Tensor, items: Sequence[_Item]) -> torch.Tensor:
     return logits.argmax(-1)
 
 
@@ -223,6 +238,8 @@ def generate_answers(
     pairs: Sequence[QAPair],
     batch_size: int = 64,
     max_length: int | None = None,
+    owners: Sequence[int] | None = None,
+    row_context: RowContext | None = None,
 ) -> list[GeneratedAnswer]:
     """Greedy continuations of each pair's prompt for generation-based exact match.
 
@@ -238,6 +255,8 @@ def generate_answers(
         batch_size: Prompts per batch.
         max_length: Most tokens of prompt plus generated answer: longer prompts keep their BOS
             and their last tokens (``None``: no limit).
+        owners: Per pair, the edit it is answered under (see :meth:`Scorer.score`).
+        row_context: With ``owners``: the context of each batch, from its rows' owners.
 
     Returns:
         One :class:`GeneratedAnswer` per pair, in input order.
@@ -256,7 +275,8 @@ def generate_answers(
             )
         prompt_ids.append(ids)
     new = _generate_ids(
-        model, tokenizer, prompt_ids, [max(n) for n in lengths], _greedy, True, batch_size
+        model, tokenizer, prompt_ids, [max(n) for n in lengths], _greedy, True, batch_size,
+        owners, row_context,
     )
     return [
         GeneratedAnswer(
@@ -284,6 +304,8 @@ def sample_top_k(
     seed: int = 0,
     batch_size: int = 64,
     stop_at_eos: bool = False,
+    owners: Sequence[int] | None = None,
+    row_context: RowContext | None = None,
 ) -> list[Generation]:
     """Seeded top-k sampling up to a total length (ROME's ``generate_fast``, METHODS.md §6.2).
 
@@ -304,6 +326,8 @@ def sample_top_k(
         seed: Base seed.
         batch_size: Prompts per batch.
         stop_at_eos: Stop a row at its first EOS.
+        owners: Per prompt, the edit it is sampled under (see :meth:`Scorer.score`).
+        row_context: With ``owners``: the context of each batch, from its rows' owners.
 
     Returns:
         One :class:`Generation` per prompt, in input order; ``full_text`` is the fluency text.
@@ -311,9 +335,9 @@ def sample_top_k(
     if top_k < 1:
         raise ValueError(f"top_k must be >= 1, got {top_k}")
     ids = [_prompt_ids(tokenizer, p) for p in prompts]
-    generators: dict[tuple[int, ...], torch.Generator] = {}
+    generators: dict[_Item, torch.Generator] = {}
 
-    def pick(logits: torch.Tensor, rows: Sequence[tuple[int, ...]]) -> torch.Tensor:
+    def pick(logits: torch.Tensor, rows: Sequence[_Item]) -> torch.Tensor:
         """Sample each row's next token among its ``top_k`` most likely ones."""
         probs = logits.softmax(-1)  # [B, V]
         top_p, top_i = probs.topk(min(top_k, probs.shape[-1]), dim=-1)  # [B, k]
@@ -321,10 +345,12 @@ def sample_top_k(
         choice = torch.empty(len(rows), dtype=torch.long)
         for row, key in enumerate(rows):
             if key not in generators:
-                generators[key] = torch.Generator().manual_seed(_row_seed(seed, key))
+                generators[key] = torch.Generator().manual_seed(_row_seed(seed, key[0]))
             choice[row] = torch.multinomial(top_p[row], 1, generator=generators[key])[0]
         return top_i.gather(-1, choice.to(top_i.device)[:, None]).squeeze(-1)  # [B]
 
     budgets = [max(0, max_length - len(i)) for i in ids]
-    new = _generate_ids(model, tokenizer, ids, budgets, pick, stop_at_eos, batch_size)
+    new = _generate_ids(
+        model, tokenizer, ids, budgets, pick, stop_at_eos, batch_size, owners, row_context
+    )
     return [_generation(tokenizer, p, i, n) for p, i, n in zip(prompts, ids, new, strict=True)]

@@ -35,11 +35,13 @@ from lit_edit.scoring.generation import (
     sample_top_k,
 )
 from lit_edit.scoring.utils import (
+    RowContext,
     accepts_logits_to_keep,
     evaluating,
     length_sorted_batches,
     model_device,
     output_logits,
+    owner_context,
     truncate_prompt,
 )
 from lit_edit.tokenization import (
@@ -177,7 +179,12 @@ class Scorer:
         return _Encoded(prompt_ids + answer_ids, len(answer_ids))
 
     def score(
-        self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, pairs: Sequence[QAPair]
+        self,
+        model: nn.Module,
+        tokenizer: PreTrainedTokenizerBase,
+        pairs: Sequence[QAPair],
+        owners: Sequence[int] | None = None,
+        row_context: RowContext | None = None,
     ) -> list[PairScore]:
         """Score every pair with teacher forcing.
 
@@ -186,21 +193,31 @@ class Scorer:
                 use_cache=False)`` (all ``[B, L]``) and returning logits ``[B, L, V]`` (or an
                 output with ``.logits``); it is run on its own device.
             tokenizer: The model's tokenizer (read only).
-            pairs: The pairs to score; duplicates are scored once.
+            pairs: The pairs to score; duplicates (same owner) are scored once.
+            owners: Per pair, the index of the edit it is scored under (parallel single edits:
+                rows of one batch under different edits, see
+                :class:`~lit_edit.nn.row_deltas.RowDeltas`); ``None``: all under the same state.
+            row_context: With ``owners``, called with the owners of each batch's rows; the
+                forward of that batch runs inside the context it returns.
 
         Returns:
             One :class:`PairScore` per pair, in input order (tensors on the CPU).
         """
-        keys = [(p.prompt, p.answer) for p in pairs]
-        unique: dict[tuple[str, str], int] = {}
+        if owners is not None and len(owners) != len(pairs):
+            raise ValueError(f"{len(owners)} owners for {len(pairs)} pairs")
+        keys = [
+            (p.prompt, p.answer, -1 if owners is None else owners[i]) for i, p in enumerate(pairs)
+        ]
+        unique: dict[tuple[str, str, int], int] = {}
         for key in keys:
             unique.setdefault(key, len(unique))
         encoded = [
             self._encode(tokenizer, prompt, answer, enc)
-            for (prompt, answer), enc in zip(
-                unique, encode_pairs(tokenizer, list(unique)), strict=True
+            for (prompt, answer, _), enc in zip(
+                unique, encode_pairs(tokenizer, [(p, a) for p, a, _ in unique]), strict=True
             )
         ]
+        item_owner = [owner for _, _, owner in unique]
         results: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None] = [None] * len(
             encoded
         )
@@ -209,7 +226,8 @@ class Scorer:
         lengths = [len(e.input_ids) for e in encoded]
         with evaluating(model):
             for batch in length_sorted_batches(lengths, self.batch_size):
-                outs = self._score_batch(model, [encoded[i] for i in batch], pad_id, device)
+                with owner_context(row_context, [item_owner[i] for i in batch]):
+                    outs = self._score_batch(model, [encoded[i] for i in batch], pad_id, device)
                 for i, out in zip(batch, outs, strict=True):
                     results[i] = out
         scores: list[PairScore] = []
@@ -285,14 +303,21 @@ class Scorer:
         )
 
     def generate_answers(
-        self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, pairs: Sequence[QAPair]
+        self,
+        model: nn.Module,
+        tokenizer: PreTrainedTokenizerBase,
+        pairs: Sequence[QAPair],
+        owners: Sequence[int] | None = None,
+        row_context: RowContext | None = None,
     ) -> list[GeneratedAnswer]:
         """Greedy answers for exact match in batches; see :func:`generate_answers`.
 
-        With ``max_length`` set, prompts are truncated from the left as in :meth:`score`.
+        With ``max_length`` set, prompts are truncated from the left as in :meth:`score`;
+        ``owners`` and ``row_context`` as in :meth:`score`.
         """
         return generate_answers(
-            model, tokenizer, pairs, batch_size=self.batch_size, max_length=self.max_length
+            model, tokenizer, pairs, batch_size=self.batch_size, max_length=self.max_length,
+            owners=owners, row_context=row_context,
         )
 
     def sample(
@@ -303,8 +328,13 @@ class Scorer:
         max_length: int = 100,
         top_k: int = 5,
         seed: int = 0,
+        owners: Sequence[int] | None = None,
+        row_context: RowContext | None = None,
     ) -> list[Generation]:
-        """Seeded top-k sampling (fluency) in batches; see :func:`sample_top_k`."""
+        """Seeded top-k sampling (fluency) in batches; see :func:`sample_top_k`.
+
+        ``owners`` and ``row_context`` as in :meth:`score`.
+        """
         return sample_top_k(
             model,
             tokenizer,
@@ -313,4 +343,6 @@ class Scorer:
             top_k=top_k,
             seed=seed,
             batch_size=self.batch_size,
+            owners=owners,
+            row_context=row_context,
         )

@@ -4,10 +4,20 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager
 
 import torch
 from torch import nn
+
+#: Called with the owner (edit index) of each row of a batch; the batch's forwards run inside
+#: the context it returns (parallel single edits: each row sees its own edit).
+RowContext = Callable[[Sequence[int]], AbstractContextManager]
+
+
+def owner_context(row_context: RowContext | None, owners: Sequence[int]) -> AbstractContextManager:
+    """``row_context(owners)``, or a context that does nothing without one."""
+    return row_context(owners) if row_context is not None else contextlib.nullcontext()
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -48,6 +58,30 @@ def accepts_logits_to_keep(model: nn.Module) -> bool:
         if not isinstance(inner, nn.Module) or inner is model:
             return False
         model = inner
+
+
+def cache_argument(model: nn.Module) -> str:
+    """The name of the key/value cache argument of ``model.forward``.
+
+    ``"cache"`` in recent transformers (``past_key_values`` is deprecated there), else
+    ``"past_key_values"``. Wrappers exposing the wrapped model as ``base_model`` are looked
+    through (and a peft model's ``get_base_model()``).
+    """
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
+    while True:
+        if "cache" in inspect.signature(model.forward).parameters:
+            return "cache"
+        inner = getattr(model, "base_model", None)
+        if not isinstance(inner, nn.Module) or inner is model:
+            return "past_key_values"
+        model = inner
+
+
+def output_cache(output: object) -> object | None:
+    """The key/value cache of a model output (``cache`` or ``past_key_values``), if any."""
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else getattr(output, "past_key_values", None)
 
 
 def output_logits(output: object) -> torch.Tensor:
