@@ -130,6 +130,23 @@ class EditorModule(L.LightningModule, metaclass=_EditorMeta):
             self.model, self.tokenizer, self._contextualised(pairs)
         )
 
+    def generate(self, prompts: Sequence[str], max_new_tokens: int = 8) -> list[str]:
+        """Greedy continuations of ``prompts`` under the current state (for notebooks).
+
+        Through :meth:`contextualise`, like :meth:`generate_answers`; generation stops at EOS.
+
+        Args:
+            prompts: Questions or sentence beginnings.
+            max_new_tokens: Most tokens generated per prompt.
+
+        Returns:
+            The generated text of each prompt (without the prompt).
+        """
+        generations = self.evaluation.scorer().generate(
+            self.model, self.tokenizer, self.contextualise(prompts), max_new_tokens
+        )
+        return [g.text for g in generations]
+
     def record_values(self, records: Sequence[EditRecord]) -> list[dict[str, float | None]]:
         """Method-specific values of each record under the current state (none by default).
 
