@@ -177,7 +177,15 @@ class EvaluationRun:
             self._extra_keys.update(dict.fromkeys(m.extra))
         for _, update in self._entries.values():
             update(pre, post)
-        for r in results:  # keep the values, drop the raw scores
+        for r in results:  # keep the values and the locality tokens, drop the raw scores
+            assert r.pre_measure is not None and r.post_measure is not None
+            r.locality_tokens = {
+                key: [
+                    {"pre": a.pred_ids.tolist(), "post": b.pred_ids.tolist()}
+                    for a, b in zip(r.pre_measure.locality[key], pairs, strict=True)
+                ]
+                for key, pairs in r.post_measure.locality.items()
+            }
             r.pre_measure = r.post_measure = None
         self.results.extend(results)
         keys = ("reliability", "generalization", "locality", "portability")

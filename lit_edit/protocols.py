@@ -33,6 +33,9 @@ class RecordResult:
         post: Metric values after editing.
         pre_measure: The scores behind ``pre`` (fed to the torchmetrics metrics).
         post_measure: The scores behind ``post``.
+        locality_tokens: Per locality group, per pair: the pre- and post-edit argmax tokens at
+            the answer positions (what locality compares), kept for ``records.jsonl`` so that a
+            run can be audited after the raw scores are dropped.
     """
 
     record: EditRecord
@@ -43,6 +46,7 @@ class RecordResult:
     post: dict[str, float | None] = field(default_factory=dict)
     pre_measure: RecordMeasure | None = None
     post_measure: RecordMeasure | None = None
+    locality_tokens: dict[str, list[dict[str, list[int]]]] = field(default_factory=dict)
 
     def to_row(self) -> dict[str, Any]:
         """The result as a ``records.jsonl`` line (without the raw scores)."""
@@ -58,6 +62,7 @@ class RecordResult:
             "edits_applied": self.edits_applied,
             "pre": self.pre,
             "post": self.post,
+            "locality_tokens": self.locality_tokens,
         }
 
 

@@ -51,6 +51,16 @@ def test_evaluate_writes_the_results_folder(config, tmp_path, capsys):
         assert (row["post"]["generalization"] is None) == (not record.rephrase_prompts)
         assert (row["post"]["portability"] is None) == (not record.portability)
         assert row["pre"]["locality"] is None and row["pre"]["reliability"] is not None
+        # the audit trail: the recorded argmax tokens give the record's locality (mean over
+        # groups of the mean per-pair agreement, EasyEdit's "keys" aggregation)
+        groups = row["locality_tokens"]
+        assert set(groups) == set(record.locality)
+        per_group = [
+            sum(sum(a == b for a, b in zip(t["pre"], t["post"], strict=True)) / len(t["pre"])
+                for t in pairs) / len(pairs)
+            for pairs in groups.values()
+        ]
+        assert row["post"]["locality"] == pytest.approx(sum(per_group) / len(per_group))
     summary = json.loads((out / "summary.json").read_text())
     for key in ("reliability", "generalization", "locality", "portability"):
         assert 0.0 <= summary[key] <= 1.0
