@@ -47,7 +47,11 @@ def main() -> int:
     print(f"quick-start figures ({summaries[-1].relative_to(ROOT)}; {env.get('torch_threads')} "
           f"torch thread(s), {env.get('cpu')}):")
     if bad:
+        pre = summary.get("pre", {})
         print("differ from the README:\n" + "\n".join(bad))
+        print("  pre-edit (depends on the TinyFacts build only): "
+              + ", ".join(f"{k} {100 * v:.2f}" for k, v in pre.items()))
+        print(f"  versions: {env.get('versions')}")
         return 1
     print("  " + ", ".join(f"{k} {v}" for k, v in expected.items()) + ": as in the README")
     return 0

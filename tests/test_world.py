@@ -378,6 +378,27 @@ def test_command_line_loads_from_cache(built: tuple[Path, Path],
     assert world_main(["build", "--n-countries", "500"]) == 2
 
 
+def test_command_line_builds_by_name_and_refuses_mixed_settings(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: list[tuple[WorldConfig, TinyLMConfig]] = []
+
+    def fake_build(world_config, model_config, **kwargs):  # records what the name resolved to
+        seen.append((world_config, model_config))
+        raise SystemExit(0)
+
+    import lit_edit.world.__main__ as cli
+
+    monkeypatch.setattr(cli, "build_tiny_model", fake_build)
+    with pytest.raises(SystemExit):
+        cli.main(["build", "--name", "tinyfacts-seed3", "--cache-dir", str(tmp_path)])
+    world, model = seen[0]
+    assert world.seed == 3 and model.seed == 3 and model.num_threads == 1
+    assert cli.main(["build", "--name", "tinyfacts-seed3", "--seed", "4"]) == 2
+    assert "--name tinyfacts-seed3 fixes every setting; drop --seed" in capsys.readouterr().err
+    assert cli.main(["build", "--name", "nope"]) == 2
+
+
 def test_named_defaults() -> None:
     configs = cache_module.default_model_configs()
     assert configs["tinyfacts"].arch == "gpt2" and configs["tinyfacts-llama"].arch == "llama"

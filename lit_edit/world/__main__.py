@@ -17,7 +17,13 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from lit_edit.world.cache import build_tiny_model, is_built, load_metrics, model_dir
+from lit_edit.world.cache import (
+    build_tiny_model,
+    is_built,
+    load_metrics,
+    model_dir,
+    named_configs,
+)
 from lit_edit.world.config import TinyLMConfig, WorldConfig
 from lit_edit.world.generator import World
 
@@ -63,6 +69,9 @@ def _parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     build = sub.add_parser("build", help="build (or load from the cache) a tiny TinyFacts model")
+    build.add_argument("--name", default=None,
+                       help="a model name as configs use it (tinyfacts, tinyfacts-seed1, "
+                            "tinyfacts-llama-seed2, ...) instead of the settings below")
     build.add_argument("--arch", choices=("gpt2", "llama"), default="gpt2",
                        help="model architecture (default: gpt2)")
     build.add_argument("--cache-dir", default=None,
@@ -103,6 +112,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(json.dumps(record.to_dict(), indent=2))
             return 0
         model_config = _pick(TinyLMConfig, args, arch=args.arch)
+        if args.name is not None:
+            given = sorted(k.split(".", 1)[1] for k, v in vars(args).items()
+                           if "." in k and v is not None)
+            if given or args.arch != "gpt2":
+                raise ValueError(f"--name {args.name} fixes every setting; drop "
+                                 + ", ".join(f"--{k.replace('_', '-')}" for k in given or
+                                             ["arch"]))
+            world_config, model_config = named_configs(args.name)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
