@@ -27,6 +27,9 @@ def main() -> None:
                         help="edits in the model at once")
     parser.add_argument("--world", default="tinyfacts", help="TinyFacts model whose world to use")
     args = parser.parse_args()
+    from lit_edit.environment import environment_line
+
+    print(environment_line(), flush=True)
 
     from lit_edit.conflicts import first_conflicts
     from lit_edit.data import TinyFactsDataModule

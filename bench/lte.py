@@ -136,6 +136,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    from lit_edit.environment import environment_line
+
+    print(environment_line(), flush=True)
     print(f"torch {torch.__version__}, {args.threads} thread(s)")
     bench_insertion_and_retrieval()
     bench_alignment(args.backbone, args.steps, args.batch_size)

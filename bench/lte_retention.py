@@ -46,6 +46,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    from lit_edit.environment import environment_line
+
+    print(environment_line(), flush=True)
 
     from lit_edit.data import TinyFactsDataModule
     from lit_edit.methods import LTEEditor

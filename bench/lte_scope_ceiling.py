@@ -224,6 +224,9 @@ def main() -> None:
     parser.add_argument("--ckpt", default="checkpoints/lte/tinyfacts/lte.ckpt", help="LTE ckpt")
     parser.add_argument("--n", type=int, default=200, help="held-out records")
     args = parser.parse_args()
+    from lit_edit.environment import environment_line
+
+    print(environment_line(), flush=True)
     if not Path(args.ckpt).is_file():
         raise SystemExit(f"{args.ckpt} not found: python train.py fit --config {_CONFIG}")
 

@@ -24,6 +24,9 @@ def main() -> None:
     parser.add_argument("--encoder", default="all-MiniLM-L6-v2", help="sentence encoder")
     parser.add_argument("--world", default="tinyfacts", help="TinyFacts model whose world to use")
     args = parser.parse_args()
+    from lit_edit.environment import environment_line
+
+    print(environment_line(), flush=True)
 
     from lit_edit.data import TinyFactsDataModule
     from lit_edit.nn.retrieval import load_encoder

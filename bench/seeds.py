@@ -142,6 +142,9 @@ def main() -> None:
     parser.add_argument("--eval-args", nargs=argparse.REMAINDER, default=[],
                         help="extra arguments of evaluate.py (last on the line)")
     args = parser.parse_args()
+    from lit_edit.environment import environment_line
+
+    print(environment_line(), flush=True)
     base = yaml.safe_load((REPO / args.config).read_text())
     bars = {k: float(v) for k, v in (b.split("=", 1) for b in args.bar)}
     with ThreadPoolExecutor(args.jobs) as pool:
