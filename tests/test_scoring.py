@@ -438,3 +438,34 @@ def test_logits_to_keep_is_used_only_where_the_model_takes_it(lm):
     assert accepts_logits_to_keep(model)
     assert accepts_logits_to_keep(Wrapper(model))
     assert not accepts_logits_to_keep(torch.nn.Linear(2, 2))
+
+
+def _short_gpt2(vocab: int, positions: int) -> GPT2LMHeadModel:
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=vocab, n_positions=positions, n_embd=32, n_layer=2, n_head=2,
+                        bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    return GPT2LMHeadModel(config).eval()
+
+
+def test_generation_near_the_position_table_runs_no_row_past_its_budget(gpt2_tok):
+    long_prompt = "Alice Martin was born in Lyon and works for Acme Corporation."
+    n_long = len(encode_pair(gpt2_tok, long_prompt, "Paris").prompt_ids)
+    n_answer = len(encode_pair(gpt2_tok, long_prompt, "Paris").answer_ids)
+    model = _short_gpt2(len(gpt2_tok), n_long + n_answer)  # the long pair just fits
+    pairs = [QAPair(long_prompt, "Paris"),
+             QAPair("The capital of", "France is Paris, France.")]  # a short prompt, long answer
+    budgets = [len(encode_pair(gpt2_tok, p.prompt, p.answer).answer_ids) for p in pairs]
+    assert budgets[1] > budgets[0]  # the batch decodes past the long row's own budget
+    batched = generate_answers(model, gpt2_tok, pairs, batch_size=2)
+    solo = [generate_answers(model, gpt2_tok, [p], batch_size=1)[0] for p in pairs]
+    assert [a.new_ids.tolist() for a in batched] == [a.new_ids.tolist() for a in solo]
+
+
+def test_sequences_longer_than_the_position_table_are_refused_by_name(gpt2_tok):
+    model = _short_gpt2(len(gpt2_tok), 8)
+    pair = QAPair("Alice Martin was born in Lyon and works for Acme Corporation.", "Paris")
+    with pytest.raises(ValueError, match=r"'Alice Martin.*needs \d+ positions and the model has 8"):
+        Scorer().score(model, gpt2_tok, [pair])
+    with pytest.raises(ValueError, match="evaluation.max_length"):
+        generate_answers(model, gpt2_tok, [pair])
+    assert len(Scorer(max_length=8).score(model, gpt2_tok, [pair])) == 1  # truncation fits it

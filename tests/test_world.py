@@ -399,6 +399,25 @@ def test_command_line_builds_by_name_and_refuses_mixed_settings(
     assert cli.main(["build", "--name", "nope"]) == 2
 
 
+def test_a_build_leaves_the_callers_random_streams_alone(tmp_path: Path) -> None:
+    """A cold cache must not change the run that triggered the build (the quick start does)."""
+    import random
+
+    import numpy as np
+
+    torch.manual_seed(5)
+    random.seed(5)
+    np.random.seed(5)
+    expected = (torch.rand(3), random.random(), np.random.rand())
+    torch.manual_seed(5)
+    random.seed(5)
+    np.random.seed(5)
+    config = TinyLMConfig(**{**TINY_LM.to_dict(), "max_epochs": 1})
+    build_tiny_model(SMALL, config, cache_dir=tmp_path)
+    assert torch.equal(torch.rand(3), expected[0])
+    assert random.random() == expected[1] and np.random.rand() == expected[2]
+
+
 def test_named_defaults() -> None:
     configs = cache_module.default_model_configs()
     assert configs["tinyfacts"].arch == "gpt2" and configs["tinyfacts-llama"].arch == "llama"

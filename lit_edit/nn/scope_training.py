@@ -8,16 +8,15 @@ as it was.
 
 from __future__ import annotations
 
-import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from lit_edit.nn.encoders import Encoder
 from lit_edit.nn.scope import ScopeHead, ScopePair, scope_pairs
+from lit_edit.random_state import preserved_random_state
 from lit_edit.records import EditRecord
 
 
@@ -115,12 +114,8 @@ class ScopeTrainer:
         """
         if self._sets is None:
             raise RuntimeError("call prepare() before fit()")
-        state = random.getstate(), np.random.get_state()
-        with torch.random.fork_rng(devices=[]):
-            message = self._fit(*self._sets)
-        random.setstate(state[0])
-        np.random.set_state(state[1])
-        return message
+        with preserved_random_state():
+            return self._fit(*self._sets)
 
     def _fit(self, train: ScopeSet, val: ScopeSet) -> str:
         loss = self.head.fit(

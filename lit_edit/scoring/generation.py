@@ -21,6 +21,7 @@ from lit_edit.records import QAPair
 from lit_edit.scoring.utils import (
     RowContext,
     cache_argument,
+    check_positions,
     evaluating,
     length_sorted_batches,
     model_device,
@@ -109,6 +110,11 @@ def _generate_ids(
         item = unique[key]
         item_budget[item] = max(item_budget[item], budget)
     items = list(unique)
+    check_positions(
+        model, [len(ids) + budget for (ids, _), budget in zip(items, item_budget, strict=True)],
+        lambda i: (f"a generation of {item_budget[i]} tokens after the prompt "
+                   f"{tokenizer.decode(list(items[i][0]))!r}"),
+    )
     outputs: list[list[int]] = [[] for _ in items]
     eos = tokenizer.eos_token_id if stop_at_eos else None
     pad_id = pad_token_id(tokenizer)
@@ -171,7 +177,10 @@ def _decode_batch(
         if bool(done.all()):
             break
         ids = torch.cat([ids, token[:, None]], dim=1)  # [B, L + 1]
-        positions = torch.cat([positions, positions[:, -1:] + 1], dim=1)  # [B, L + 1]
+        # a finished row stays at its last position (its outputs are dropped): no row runs past
+        # its own prompt + budget, which check_positions verified against the model's table
+        positions = torch.cat([positions, positions[:, -1:] + (~done)[:, None].long()],
+                              dim=1)  # [B, L + 1]
         mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)  # [B, L + 1]
     tokens = torch.stack(new, dim=1).tolist() if new else [[] for _ in items]  # [B, S]
     rows: list[list[int]] = []

@@ -37,6 +37,7 @@ from lit_edit.scoring.generation import (
 from lit_edit.scoring.utils import (
     RowContext,
     accepts_logits_to_keep,
+    check_positions,
     evaluating,
     length_sorted_batches,
     model_device,
@@ -224,6 +225,9 @@ class Scorer:
         pad_id = pad_token_id(tokenizer)
         device = model_device(model)
         lengths = [len(e.input_ids) for e in encoded]
+        prompts = list(unique)
+        check_positions(model, lengths,
+                        lambda i: f"prompt {prompts[i][0]!r} with answer {prompts[i][1]!r}")
         with evaluating(model):
             for batch in length_sorted_batches(lengths, self.batch_size):
                 with owner_context(row_context, [item_owner[i] for i in batch]):

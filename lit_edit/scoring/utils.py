@@ -137,3 +137,34 @@ def truncate_prompt(
         raise ValueError(f"{what} does not fit in max_length with a prompt token")
     return head + prompt_ids[-keep:]
 
+
+
+def check_positions(
+    model: nn.Module,
+    lengths: Sequence[int],
+    describe: Callable[[int], str],
+) -> None:
+    """Refuse sequences longer than a learned position table (GPT-2's ``n_positions``).
+
+    A model with learned absolute positions crashes with an index error deep in its embedding
+    on a longer sequence; this names the sequence instead. Models without such a table (RoPE:
+    LLaMA, Qwen) are not limited here.
+
+    Args:
+        model: The model about to run (``model.config.n_positions`` is read when present).
+        lengths: Total tokens of each sequence (prompt plus answer or generation budget).
+        describe: Index → a description of that sequence for the error (its prompt, say).
+
+    Raises:
+        ValueError: naming the first sequence that does not fit and how to make it fit.
+    """
+    limit = getattr(getattr(model, "config", None), "n_positions", None)
+    if not isinstance(limit, int):
+        return
+    for i, length in enumerate(lengths):
+        if length > limit:
+            raise ValueError(
+                f"{describe(i)} needs {length} positions and the model has {limit} "
+                f"(config.n_positions): set evaluation.max_length (e.g. --evaluation.max_length "
+                f"{limit}) to truncate prompts from the left, or use a model with more positions"
+            )

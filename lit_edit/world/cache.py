@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from lit_edit.random_state import preserved_random_state
 from lit_edit.world.config import TinyLMConfig, WorldConfig, settings_hash
 from lit_edit.world.generator import World
 
@@ -209,7 +210,8 @@ def build_tiny_model(
                  model_config.arch, final)
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
         try:
-            metrics = _build_into(tmp, world_config, model_config, progress_bar)
+            with preserved_random_state():  # a cold cache must not change the caller's run
+                metrics = _build_into(tmp, world_config, model_config, progress_bar)
             if final.exists():
                 old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old.", dir=final.parent))
                 final.rename(old / "model")
