@@ -263,16 +263,16 @@ class LTEEditor(RetrievalEditing, EditorModule):
         """Answer-only SFT loss of an alignment batch."""
         loss, acc = self._loss(batch)
         n = batch["input_ids"].shape[0]
-        self.log("train_loss", loss, prog_bar=True, batch_size=n)
-        self.log("train_answer_acc", acc, batch_size=n)
+        self.log("train/loss", loss, prog_bar=True, batch_size=n)
+        self.log("train/answer_acc", acc, batch_size=n)
         return loss
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         """Answer-only loss and token accuracy on validation alignment samples."""
         loss, acc = self._loss(batch)
         n = batch["input_ids"].shape[0]
-        self.log("val_loss", loss, prog_bar=True, batch_size=n, sync_dist=True)
-        self.log("val_answer_acc", acc, prog_bar=True, batch_size=n, sync_dist=True)
+        self.log("val/loss", loss, prog_bar=True, batch_size=n, sync_dist=True)
+        self.log("val/answer_acc", acc, prog_bar=True, batch_size=n, sync_dist=True)
 
     def configure_optimizers(self) -> dict[str, Any]:
         """AdamW on the trainable weights; linear warm-up then cosine decay to 0, per step."""

@@ -114,7 +114,7 @@ class TinyLMModule(L.LightningModule):
         )  # [B * L]
         weights = batch["weights"].flatten()  # [B * L]
         loss = (nll * weights).sum() / weights.sum()
-        self.log("train_loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
         return loss
 
     def configure_optimizers(self) -> dict:
