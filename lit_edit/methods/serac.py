@@ -89,6 +89,14 @@ class SERACEditor(EditorModule):
         classifier_lr: Adam learning rate of the classifier (``None``: ``lr``).
         use_all_negatives: Supervised: every locality query against every edit of the batch is
             a negative (paper's ``use_all_negatives``), not only against its own record's edit.
+        balance_negatives: Supervised: average the locality negatives and the in-batch
+            negatives separately and add both means (``mean(-log s_pos) + mean_loc + mean_batch``;
+            an extension: pooled, the far more numerous easy in-batch negatives drown the
+            locality ones, which share the edit's subject). ``False``: one pooled mean.
+        counterfactual_locality: Supervised: also train the counterfactual model to answer
+            each locality query, given its own record's (irrelevant) fact, with the locality
+            answer (an extension: a query the classifier wrongly routes is then still answered
+            like the base model). ``False``: in-scope queries only (the paper).
         train_portability: Supervised: also train on portability questions that name the
             record's subject (with their answers), as in-scope queries.
         freeze_counterfactual: Do not train the counterfactual model (paper's ``freeze_cntr``).
@@ -112,6 +120,8 @@ class SERACEditor(EditorModule):
         lr: float = 1e-5,
         classifier_lr: float | None = None,
         use_all_negatives: bool = False,
+        balance_negatives: bool = False,
+        counterfactual_locality: bool = False,
         train_portability: bool = False,
         freeze_counterfactual: bool = False,
         max_length: int | None = None,
@@ -151,6 +161,8 @@ class SERACEditor(EditorModule):
         self.lr = lr
         self.classifier_lr = lr if classifier_lr is None else classifier_lr
         self.use_all_negatives = use_all_negatives
+        self.balance_negatives = balance_negatives
+        self.counterfactual_locality = counterfactual_locality
         self.train_portability = train_portability
         self.collator = PairCollator(self.tokenizer, "right", max_length)
         self._embeddings: OrderedDict[str, torch.Tensor] = OrderedDict()
@@ -449,8 +461,14 @@ class SERACEditor(EditorModule):
             else:
                 owner = torch.tensor([k for k, _ in loc], device=log_s.device)
                 negative.append(l_rows.gather(1, owner[:, None]).squeeze(1))
-        l_cls = balanced_bce(positive, torch.cat(negative))
-        batch = self._counterfactual_batch([records[k].fact for k, _ in pos], [p for _, p in pos])
+        if self.balance_negatives and len(negative) == 2:
+            l_cls = balanced_bce(positive, negative[1]) + balanced_bce(
+                positive[:0], negative[0])
+        else:
+            l_cls = balanced_bce(positive, torch.cat(negative))
+        trained = pos + (loc if self.counterfactual_locality else [])
+        batch = self._counterfactual_batch([records[k].fact for k, _ in trained],
+                                           [p for _, p in trained])
         l_cntr = masked_nll(self._logits(self.counterfactual, batch), batch["labels"])
         return {"loss": self.c_edit * l_cntr + self.c_loc * l_cls, "loss_cntr": l_cntr,
                 "loss_cls": l_cls}
