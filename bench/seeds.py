@@ -40,7 +40,8 @@ def world_name(seed: int) -> str:
 
 
 def retarget(node: Any, name: str) -> Any:
-    """Replace each ``tinyfacts``/``tinyfacts-llama`` config string by world ``name``."""
+    """Replace each ``tinyfacts``/``tinyfacts-llama`` config string (and its ``-cf`` twin) by world
+    ``name``."""
     if isinstance(node, dict):
         return {k: retarget(v, name) for k, v in node.items()}
     if isinstance(node, list):
@@ -49,6 +50,9 @@ def retarget(node: Any, name: str) -> Any:
         return name
     if node == "tinyfacts-llama":
         return name.replace("tinyfacts", "tinyfacts-llama", 1)
+    if isinstance(node, str) and node.endswith("-cf") and node[:-3] in ("tinyfacts",
+                                                                         "tinyfacts-llama"):
+        return retarget(node[:-3], name) + "-cf"  # a second model of the world (SERAC)
     return node
 
 

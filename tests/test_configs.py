@@ -59,6 +59,9 @@ def test_config_instantiates(path: str, monkeypatch: pytest.MonkeyPatch, tmp_pat
         args += ["--model.init_args.backbone", "tinyfacts"]
         if "inner_params" in text:
             args += ["--model.init_args.inner_params", "null"]
+        if "counterfactual:" in text:  # SERAC's hub-sized parts
+            args += ["--model.init_args.counterfactual", "tinyfacts-cf",
+                     "--model.init_args.classifier", "all-MiniLM-L6-v2"]
     if "accelerator: gpu" in text:
         args += ["--trainer.accelerator", "cpu", "--trainer.devices", "1",
                  "--trainer.strategy", "auto", "--trainer.precision", "32"]

@@ -6,5 +6,8 @@ from lit_edit.methods.ike import IKEEditor
 from lit_edit.methods.lte import LTEEditor
 from lit_edit.methods.mend import MENDEditor
 from lit_edit.methods.noedit import NoEdit
+from lit_edit.methods.serac import SERACEditor
 
-__all__ = ["EditorModule", "FTEditor", "IKEEditor", "LTEEditor", "MENDEditor", "NoEdit"]
+__all__ = [
+    "EditorModule", "FTEditor", "IKEEditor", "LTEEditor", "MENDEditor", "NoEdit", "SERACEditor",
+]

@@ -1,4 +1,4 @@
-"""The edit memory of LTE's retrieval: normalised question embeddings and their facts."""
+"""The edit memory of LTE's retrieval and SERAC: question embeddings and their facts."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from torch import nn
 
 
 class EditMemory(nn.Module):
-    """Keys (normalised question embeddings) and values (fact sentences) of the inserted edits.
+    """Keys (question embeddings, normalised by default) and values (facts) of the inserted edits.
 
     Keys are stored in ``key_dtype`` (float16 by default: half the memory traffic of a scan, the
     cost of a single query on a CPU; ``"int8"``: a quarter, each key scaled by its largest
@@ -27,9 +27,14 @@ class EditMemory(nn.Module):
         key_dtype: Storage dtype of the keys: ``"float16"``, ``"bfloat16"``, ``"float32"`` or
             ``"int8"``.
         rerank: Extra candidates re-scored in float32 after the first pass.
+        normalise: Store unit keys and search by cosine (LTE); ``False`` stores the keys as
+            given and :meth:`search` ranks by plain dot product (SERAC's classifiers read the
+            raw keys through :attr:`keys` and apply their own distance).
     """
 
-    def __init__(self, key_dtype: str = "float16", rerank: int = 16) -> None:
+    def __init__(
+        self, key_dtype: str = "float16", rerank: int = 16, normalise: bool = True
+    ) -> None:
         super().__init__()
         dtypes = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32,
                   "int8": torch.int8}
@@ -39,6 +44,7 @@ class EditMemory(nn.Module):
             raise ValueError(f"rerank must be >= 0, got {rerank}")
         self.key_dtype = key_dtype
         self.rerank = rerank
+        self.normalise = normalise
         self._dtype = dtypes[key_dtype]
         self._keys = torch.zeros(0, 0, dtype=self._dtype)  # [capacity, D]
         self._scales = torch.ones(0)  # [capacity] per-key scale (int8 keys; ones otherwise)
@@ -70,7 +76,8 @@ class EditMemory(nn.Module):
         """Append edits.
 
         Args:
-            keys: ``[N, D]`` embeddings of the edit questions (normalised here).
+            keys: ``[N, D]`` embeddings of the edit questions (normalised here, if
+                :attr:`normalise`).
             questions: The ``N`` questions (kept for inspection).
             facts: The ``N`` fact sentences (the values).
 
@@ -94,7 +101,9 @@ class EditMemory(nn.Module):
                 grown[: self._size] = self._keys[: self._size]
                 scales[: self._size] = self._scales[: self._size]
             self._keys, self._scales = grown, scales
-        unit = F.normalize(keys.detach().float().cpu(), dim=-1)  # [N, D]
+        unit = keys.detach().float().cpu()  # [N, D]
+        if self.normalise:
+            unit = F.normalize(unit, dim=-1)
         if self._dtype == torch.int8:
             scale = unit.abs().amax(dim=-1).clamp_min(1e-12) / 127  # [N]
             self._scales[self._size : needed] = scale
@@ -117,10 +126,10 @@ class EditMemory(nn.Module):
         self.truncate(0)
 
     def search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Top-``k`` keys of each query by cosine similarity.
+        """Top-``k`` keys of each query by cosine (by dot product without :attr:`normalise`).
 
         Args:
-            queries: ``[Q, D]`` query embeddings (normalised here).
+            queries: ``[Q, D]`` query embeddings (normalised here, if :attr:`normalise`).
             k: Results per query (fewer when the memory holds fewer edits).
 
         Returns:
@@ -129,7 +138,9 @@ class EditMemory(nn.Module):
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
         n = self._size
-        q = F.normalize(queries.detach().float().cpu(), dim=-1)  # [Q, D]
+        q = queries.detach().float().cpu()  # [Q, D]
+        if self.normalise:
+            q = F.normalize(q, dim=-1)
         if n == 0:
             empty = torch.zeros(q.shape[0], 0)
             return empty, empty.long()
@@ -155,7 +166,7 @@ class EditMemory(nn.Module):
         return scores, cand.gather(-1, order)
 
     def get_extra_state(self) -> dict[str, Any]:
-        """The content, saved in ``state_dict()``: keys as float32, questions, facts.
+        """The content, saved in ``state_dict()``: keys as float32 (as stored), questions, facts.
 
         int8 keys are also saved as stored, with their scales, so that they load bit-identically.
         """

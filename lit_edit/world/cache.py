@@ -35,6 +35,9 @@ def library_versions() -> dict[str, str]:
     from lit_edit.environment import library_versions as versions
 
     return versions(_LIBRARIES)
+#: Model seed offset of a ``-cf`` name: another model of the same world (same tokenizer), e.g.
+#: SERAC's counterfactual model.
+CF_SEED_OFFSET = 1000
 _DONE = "metrics.json"  # written last: a directory holding it is a finished build
 
 
@@ -236,7 +239,9 @@ def resolve_tinyfacts(name: str, cache_dir: str | os.PathLike | None = None) -> 
         name: ``"tinyfacts"`` (default world, tiny GPT-2), ``"tinyfacts-llama"`` (default world,
             tiny LLaMA), or either with ``-seed<N>`` appended (``"tinyfacts-seed1"``): another
             world and another model, :class:`WorldConfig` and :class:`TinyLMConfig` both
-            seeded with ``N`` (``-seed0`` is the default).
+            seeded with ``N`` (``-seed0`` is the default); ``-cf`` appended (``"tinyfacts-cf"``,
+            ``"tinyfacts-seed1-cf"``) gives a second model of the same world and tokenizer, its
+            model seed ``N + 1000`` (SERAC's counterfactual model).
         cache_dir: Cache directory (see :func:`cache_root`).
 
     Returns:
@@ -257,15 +262,17 @@ def named_configs(name: str) -> tuple[WorldConfig, TinyLMConfig]:
     Raises:
         ValueError: on a name that is not ``tinyfacts[-llama][-seed<N>]``.
     """
-    match = re.fullmatch(r"(tinyfacts(?:-llama)?)(?:-seed(\d+))?", name)
+    match = re.fullmatch(r"(tinyfacts(?:-llama)?)(?:-seed(\d+))?(-cf)?", name)
     configs = default_model_configs()
     if match is None or match.group(1) not in configs:
         raise ValueError(
             f"unknown TinyFacts model {name!r}; known: {sorted(configs)}, each optionally with "
-            "-seed<N> for another world and model (e.g. 'tinyfacts-seed1')"
+            "-seed<N> for another world and model (e.g. 'tinyfacts-seed1') and -cf for a second "
+            "model of the same world (e.g. 'tinyfacts-seed1-cf')"
         )
     seed = int(match.group(2) or 0)
-    model_config = dataclasses.replace(configs[match.group(1)], seed=seed)
+    model_seed = seed + CF_SEED_OFFSET if match.group(3) else seed
+    model_config = dataclasses.replace(configs[match.group(1)], seed=model_seed)
     return WorldConfig(seed=seed), model_config
 
 

@@ -1,0 +1,566 @@
+"""SERAC (Mitchell et al., ICML 2022): edit memory, scope classifier, counterfactual model."""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from lit_edit.backbone import Backbone
+from lit_edit.data.collate import PairCollator
+from lit_edit.editing import CallbackHandle, EditHandle
+from lit_edit.editor import apply_edit
+from lit_edit.methods.base import EditorModule
+from lit_edit.nn.edit_memory import EditMemory
+from lit_edit.nn.losses import masked_nll
+from lit_edit.nn.scope import in_scope_questions
+from lit_edit.nn.serac import BiEncoderScope, CrossEncoderScope, Distance, balanced_bce
+from lit_edit.records import EditRecord, QAPair
+from lit_edit.scoring import GeneratedAnswer, Generation, PairScore
+from lit_edit.tokenization import IGNORE_INDEX
+
+Objective = Literal["supervised", "soft"]
+
+
+def same_vocabulary(a: Any, b: Any) -> bool:
+    """Whether two tokenizers map the same strings to the same ids (one tokenizer family)."""
+    return a.get_vocab() == b.get_vocab()
+
+
+class SERACEditor(EditorModule):
+    """SERAC: a frozen base model, an edit memory, a scope classifier and a counterfactual model.
+
+    **Editing** (:meth:`edit`): append each record to the edit memory (its prompt, the
+    classifier's key, and its fact ``prompt + " " + target_new`` kept separately: no last-word
+    stripping, METHODS.md P4); nothing else changes, and the handle truncates the memory back.
+    **Answering**: each query (a prompt; the classifier never sees the answer being scored) gets
+    the log-similarity of every memory entry; with ``s = exp(max)`` above ``threshold`` the
+    query is in scope of that entry and the counterfactual model answers
+    ``template.format(fact=..., prompt=query)``; otherwise the untouched base model answers the
+    bare query (so an empty memory, or a query routed nowhere, gives exactly the base model's
+    scores). Routing is hard at evaluation, whatever the training objective (the paper; the
+    peer's ``generate`` does the same).
+
+    **Training** (``train.py fit``): a batch of edit records is the memory. ``objective=
+    "supervised"`` (the paper, METHODS.md §3.3, P2): ``c_edit · L_cntr + c_loc · L_cls``, with
+    ``L_cntr`` the counterfactual NLL of each in-scope query (the edit prompt and its rephrases,
+    optionally portability questions naming the subject) given its *gold* edit, and ``L_cls`` the
+    balanced BCE ``mean(-log s_pos) + mean(-log(1 - s_neg))`` whose negatives are each record's
+    locality queries against its own edit and the in-scope queries of the other records of the
+    batch (in-batch negatives). ``objective="soft"`` (the peer's ``supervised: False``):
+    ``c_edit · NLL + c_loc · KL(p_base ‖ p_mix)`` with ``p_mix = (1 - s) p_base + s p_cntr``
+    given the most similar edit, NLL on the edit prompts, KL on the locality answers. One Adam
+    over two parameter groups (classifier, counterfactual model); clipping, accumulation,
+    checkpoints and early stopping come from the Trainer. All parts run in eval mode (no
+    dropout, the peer's ``dropout: 0``). Checkpoints hold the classifier and the counterfactual
+    model, never the base model.
+
+    **Validation**: the batch's records are edited together (the protocol path) and
+    ``val/reliability``, ``val/generalization`` (token accuracy on edit prompts and rephrases)
+    and ``val/locality`` (argmax agreement with the base model) are logged, with their mean
+    ``val/score`` (a key to monitor), and ``val/loss``.
+
+    **Routing report** (:meth:`record_values`): per record and question group, the fraction of
+    queries routed to the record's own edit (``routing/<group>/own``), to another edit
+    (``routing/<group>/other``) and to the base model (``routing/<group>/base``); in-scope groups
+    are ``edit``, ``rephrase`` and ``portability:<key>``, out-of-scope ``locality:<key>``.
+
+    Args:
+        backbone: The base model (see :class:`~lit_edit.methods.base.EditorModule`); frozen.
+        counterfactual: The counterfactual model: any causal LM of the backbone's tokenizer
+            family (gpt2 for gpt2-xl, llama-160m for LLaMA-2; TinyFacts: ``"tinyfacts-cf"``, a
+            second model of the same world).
+        classifier: Encoder of the scope classifier (``"all-MiniLM-L6-v2"``: offline; the
+            paper's ``"distilbert-base-cased"``).
+        cross_attend: A cross-encoder (one forward per edit and query) instead of the
+            bi-encoder (paper default: bi-encoder).
+        distance: Bi-encoder distance: ``"squared_l2"`` (paper) or ``"cosine"``.
+        train_layers: Train only the classifier encoder's last this many blocks (``None``: all).
+        threshold: Least ``s`` of an in-scope query (paper: 0.5).
+        objective: ``"supervised"`` (paper) or ``"soft"`` (EasyEdit's default, P2).
+        template: The counterfactual model's input, with ``{fact}`` and ``{prompt}``.
+        c_edit: Weight of the counterfactual loss (paper: 0.1).
+        c_loc: Weight of the classifier loss (supervised) or of the KL (soft) (paper: 1.0).
+        lr: Adam learning rate of the counterfactual model (paper: 1e-5).
+        classifier_lr: Adam learning rate of the classifier (``None``: ``lr``).
+        use_all_negatives: Supervised: every locality query against every edit of the batch is
+            a negative (paper's ``use_all_negatives``), not only against its own record's edit.
+        balance_negatives: Supervised: average the locality negatives and the in-batch
+            negatives separately and add both means (``mean(-log s_pos) + mean_loc + mean_batch``;
+            an extension: pooled, the far more numerous easy in-batch negatives drown the
+            locality ones, which share the edit's subject). ``False``: one pooled mean.
+        counterfactual_locality: Supervised: also train the counterfactual model to answer
+            each locality query, given its own record's (irrelevant) fact, with the locality
+            answer (an extension: a query the classifier wrongly routes is then still answered
+            like the base model). ``False``: in-scope queries only (the paper).
+        train_portability: Supervised: also train on portability questions that name the
+            record's subject (with their answers), as in-scope queries.
+        freeze_counterfactual: Do not train the counterfactual model (paper's ``freeze_cntr``).
+        max_length: Longest counterfactual training sequence (prompts cut from the left;
+            ``None``: no limit).
+    """
+
+    def __init__(
+        self,
+        backbone: Backbone | str = "tinyfacts",
+        counterfactual: Backbone | str = "tinyfacts-cf",
+        classifier: str = "all-MiniLM-L6-v2",
+        cross_attend: bool = False,
+        distance: Distance = "squared_l2",
+        train_layers: int | None = None,
+        threshold: float = 0.5,
+        objective: Objective = "supervised",
+        template: str = "{fact} {prompt}",
+        c_edit: float = 0.1,
+        c_loc: float = 1.0,
+        lr: float = 1e-5,
+        classifier_lr: float | None = None,
+        use_all_negatives: bool = False,
+        balance_negatives: bool = False,
+        counterfactual_locality: bool = False,
+        train_portability: bool = False,
+        freeze_counterfactual: bool = False,
+        max_length: int | None = None,
+    ) -> None:
+        super().__init__(backbone)
+        if objective not in ("supervised", "soft"):
+            raise ValueError(f"objective must be 'supervised' or 'soft', got {objective!r}")
+        if not 0.0 < threshold < 1.0:
+            raise ValueError(f"threshold must be in (0, 1), got {threshold}")
+        if "{fact}" not in template or "{prompt}" not in template:
+            raise ValueError(f"template must contain {{fact}} and {{prompt}}, got {template!r}")
+        spec = Backbone.of(counterfactual)
+        cf_tokenizer = spec.load_tokenizer()
+        if not same_vocabulary(self.tokenizer, cf_tokenizer):
+            raise ValueError(
+                f"counterfactual: {spec.name!r} does not share the backbone's tokenizer "
+                f"({self.backbone.name!r}: {len(cf_tokenizer)} vs {len(self.tokenizer)} tokens or "
+                "other ids); SERAC scores the same answer tokens with both models, so the "
+                "counterfactual model must be of the backbone's tokenizer family (gpt2 for "
+                "gpt2-xl, llama-160m for LLaMA-2, tinyfacts-cf for tinyfacts)"
+            )
+        self.hparams["counterfactual"] = spec.to_hparam()
+        self.counterfactual_spec = spec
+        self.counterfactual = spec.load_model()
+        self.counterfactual.requires_grad_(not freeze_counterfactual)
+        self.classifier: BiEncoderScope | CrossEncoderScope = (
+            CrossEncoderScope(classifier, train_layers=train_layers) if cross_attend
+            else BiEncoderScope(classifier, distance=distance, train_layers=train_layers)
+        )
+        self.memory = EditMemory("float32", rerank=0, normalise=False)
+        self.threshold = threshold
+        self.log_threshold = math.log(threshold)
+        self.objective = objective
+        self.template = template
+        self.c_edit = c_edit
+        self.c_loc = c_loc
+        self.lr = lr
+        self.classifier_lr = lr if classifier_lr is None else classifier_lr
+        self.use_all_negatives = use_all_negatives
+        self.balance_negatives = balance_negatives
+        self.counterfactual_locality = counterfactual_locality
+        self.train_portability = train_portability
+        self.collator = PairCollator(self.tokenizer, "right", max_length)
+        self._embeddings: OrderedDict[str, torch.Tensor] = OrderedDict()
+
+    # ------------------------------------------------------------------ modes and state
+    def train(self, mode: bool = True) -> SERACEditor:
+        """Set the editor's mode; every part stays in eval mode (no dropout) either way."""
+        super().train(mode)
+        for name in ("model", "counterfactual", "classifier"):
+            if name in self._modules:
+                self._modules[name].eval()
+        return self
+
+    def edit_state_keys(self) -> set[str]:
+        """The edit memory (an edit is an append; no weight changes)."""
+        return {"memory._extra_state"}
+
+    def forget_embeddings(self) -> None:
+        """Drop the cached query embeddings (call whenever the classifier's weights change)."""
+        self._embeddings.clear()
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """The classifier may have changed: forget cached embeddings."""
+        self.forget_embeddings()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Load as the base class does, and forget cached embeddings (new weights)."""
+        super().on_load_checkpoint(checkpoint)
+        self.forget_embeddings()
+
+    # ------------------------------------------------------------------ routing
+    def _embed(self, texts: Sequence[str]) -> torch.Tensor:
+        """``[N, D]`` classifier embeddings of ``texts`` (no grad; cached per text)."""
+        assert isinstance(self.classifier, BiEncoderScope)
+        missing = list(dict.fromkeys(t for t in texts if t not in self._embeddings))
+        if missing:
+            with torch.inference_mode(False), torch.no_grad():
+                rows = torch.cat([
+                    self.classifier.embed(missing[i : i + 64]).cpu()
+                    for i in range(0, len(missing), 64)
+                ])
+            for text, row in zip(missing, rows, strict=True):
+                self._embeddings[text] = row.clone()
+        out = torch.stack([self._embeddings[t] for t in texts])
+        while len(self._embeddings) > 16384:
+            self._embeddings.popitem(last=False)
+        return out
+
+    def route(self, queries: Sequence[str]) -> tuple[list[int], torch.Tensor]:
+        """The memory entry each query is in scope of.
+
+        Args:
+            queries: Prompts (never with the answer being scored).
+
+        Returns:
+            Per query the memory index it is routed to, or ``-1`` (the base model), and the
+            ``[Q]`` best log-similarities (``-inf`` with an empty memory).
+        """
+        n = len(self.memory)
+        if n == 0 or not queries:
+            return [-1] * len(queries), torch.full((len(queries),), -math.inf)
+        with torch.inference_mode(False), torch.no_grad():
+            if isinstance(self.classifier, BiEncoderScope):
+                keys = self.memory.keys  # [N, D]
+                q = self._embed(queries)  # [Q, D]
+                best = torch.cat([
+                    self._chunk_best(keys, q[i : i + 256]) for i in range(0, len(q), 256)
+                ])
+                values, index = best[:, 0], best[:, 1].long()
+            else:
+                log_s = self.classifier.log_similarity(list(self.memory.questions),
+                                                       list(queries)).cpu()  # [Q, N]
+                values, index = log_s.max(-1)
+        routes = [int(i) if v > self.log_threshold else -1
+                  for v, i in zip(values.tolist(), index.tolist(), strict=True)]
+        return routes, values
+
+    def _chunk_best(self, keys: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+        """``[Q, 2]`` best log-similarity and its key index, over chunks of keys."""
+        assert isinstance(self.classifier, BiEncoderScope)
+        best_v = torch.full((len(queries),), -math.inf)
+        best_i = torch.zeros(len(queries), dtype=torch.long)
+        for start in range(0, len(keys), 16384):
+            log_s = self.classifier.log_similarity_of(keys[start : start + 16384], queries)
+            v, i = log_s.max(-1)  # [Q]
+            better = v > best_v
+            best_v = torch.where(better, v, best_v)
+            best_i = torch.where(better, i + start, best_i)
+        return torch.stack([best_v, best_i.float()], dim=1)
+
+    def _context(self, entry: int, prompt: str) -> str:
+        """The counterfactual model's input for ``prompt`` in scope of memory ``entry``."""
+        return self.template.format(fact=self.memory.facts[entry], prompt=prompt)
+
+    def _split(self, prompts: Sequence[str]) -> tuple[list[int], list[int], list[int]]:
+        """Routes of ``prompts``, and the positions answered by the base and by the cf model."""
+        routes, _ = self.route(prompts)
+        base = [i for i, r in enumerate(routes) if r < 0]
+        cf = [i for i, r in enumerate(routes) if r >= 0]
+        return routes, base, cf
+
+    # ------------------------------------------------------------------ editing and answering
+    def edit(self, records: Sequence[EditRecord]) -> EditHandle:
+        """Append the records to the edit memory; the handle truncates it back.
+
+        Args:
+            records: Records edited together.
+
+        Returns:
+            A handle that restores the memory to its previous content.
+        """
+        size = len(self.memory)
+        prompts = [r.prompt for r in records]
+        if isinstance(self.classifier, BiEncoderScope):
+            keys = self._embed(prompts)  # [N, D]
+        else:
+            keys = torch.zeros(len(records), 1)  # the cross-encoder reads the prompts
+        self.memory.add(keys, prompts, [r.fact for r in records])
+        return CallbackHandle(lambda: self.memory.truncate(size))
+
+    def score_pairs(self, pairs: Sequence[QAPair]) -> list[PairScore]:
+        """Teacher-forced scores: the base model, or the counterfactual model when in scope."""
+        if not len(self.memory):
+            return super().score_pairs(pairs)
+        routes, base, cf = self._split([p.prompt for p in pairs])
+        scorer = self.evaluation.scorer()
+        out: list[PairScore | None] = [None] * len(pairs)
+        if base:
+            for i, s in zip(base, scorer.score(self.model, self.tokenizer,
+                                               [pairs[i] for i in base]), strict=True):
+                out[i] = s
+        if cf:
+            ctx = [QAPair(self._context(routes[i], pairs[i].prompt), pairs[i].answer,
+                          pairs[i].aliases) for i in cf]
+            for i, s in zip(cf, scorer.score(self.counterfactual, self.tokenizer, ctx),
+                            strict=True):
+                out[i] = s
+        return [s for s in out if s is not None]
+
+    def generate_answers(self, pairs: Sequence[QAPair]) -> list[GeneratedAnswer]:
+        """Greedy answers: the base model, or the counterfactual model when in scope."""
+        if not len(self.memory):
+            return super().generate_answers(pairs)
+        routes, base, cf = self._split([p.prompt for p in pairs])
+        scorer = self.evaluation.scorer()
+        out: list[GeneratedAnswer | None] = [None] * len(pairs)
+        if base:
+            found = scorer.generate_answers(self.model, self.tokenizer, [pairs[i] for i in base])
+            for i, g in zip(base, found, strict=True):
+                out[i] = g
+        if cf:
+            ctx = [QAPair(self._context(routes[i], pairs[i].prompt), pairs[i].answer,
+                          pairs[i].aliases) for i in cf]
+            found = scorer.generate_answers(self.counterfactual, self.tokenizer, ctx)
+            for i, g in zip(cf, found, strict=True):
+                out[i] = g
+        return [g for g in out if g is not None]
+
+    def _as_bare(self, prompt: str, generation: Generation) -> Generation:
+        """A counterfactual generation re-expressed after the bare prompt (context dropped)."""
+        prompt_ids = torch.tensor(self.tokenizer(prompt)["input_ids"], dtype=torch.long)
+        full = torch.cat([prompt_ids, generation.new_ids.long()])
+        return Generation(prompt, prompt_ids, generation.new_ids, generation.text,
+                          self.tokenizer.decode(full, skip_special_tokens=True))
+
+    def sample(self, prompts: Sequence[str], max_length: int, seed: int) -> list[Generation]:
+        """Seeded samples: the base model, or the counterfactual model when in scope.
+
+        A counterfactual sample's context is left out of the returned prompt and text.
+        """
+        if not len(self.memory):
+            return super().sample(prompts, max_length, seed)
+        routes, base, cf = self._split(prompts)
+        scorer = self.evaluation.scorer()
+        out: list[Generation | None] = [None] * len(prompts)
+        if base:
+            found = scorer.sample(self.model, self.tokenizer, [prompts[i] for i in base],
+                                  max_length=max_length, seed=seed)
+            for i, g in zip(base, found, strict=True):
+                out[i] = g
+        for i in cf:  # one at a time: the context lengthens each prompt differently
+            ctx = self._context(routes[i], prompts[i])
+            extra = len(self.tokenizer(ctx)["input_ids"]) - len(self.tokenizer(prompts[i])[
+                "input_ids"])
+            g = scorer.sample(self.counterfactual, self.tokenizer, [ctx],
+                              max_length=max_length + extra, seed=seed)[0]
+            out[i] = self._as_bare(prompts[i], g)
+        return [g for g in out if g is not None]
+
+    def generate(self, prompts: Sequence[str], max_new_tokens: int = 8) -> list[str]:
+        """Greedy continuations (for notebooks), routed like every other answer."""
+        routes, _, _ = self._split(list(prompts))
+        scorer = self.evaluation.scorer()
+        texts = []
+        for prompt, r in zip(prompts, routes, strict=True):
+            model = self.model if r < 0 else self.counterfactual
+            text = prompt if r < 0 else self._context(r, prompt)
+            texts.append(scorer.generate(model, self.tokenizer, [text], max_new_tokens)[0].text)
+        return texts
+
+    # ------------------------------------------------------------------ routing report
+    def _latest_entry(self, record: EditRecord) -> int:
+        """The newest memory entry holding ``record``'s edit (``-1`` when none does)."""
+        for i in range(len(self.memory) - 1, -1, -1):
+            if self.memory.questions[i] == record.prompt and self.memory.facts[i] == record.fact:
+                return i
+        return -1
+
+    def record_values(self, records: Sequence[EditRecord]) -> list[dict[str, float | None]]:
+        """Routing of each record's queries per question group (see the class doc).
+
+        Returns:
+            Per record ``{"routing/<group>/own", ".../other", ".../base"}`` fractions (empty
+            with an empty memory).
+        """
+        if not len(self.memory):
+            return [{} for _ in records]
+        groups = [self._groups(r) for r in records]
+        flat = [q for g in groups for qs in g.values() for q in qs]
+        routes, _ = self.route(flat)
+        out, at = [], 0
+        for record, g in zip(records, groups, strict=True):
+            own = self._latest_entry(record)
+            values: dict[str, float | None] = {}
+            for name, qs in g.items():
+                rs = routes[at : at + len(qs)]
+                at += len(qs)
+                n = len(rs)
+                values[f"routing/{name}/own"] = sum(r == own >= 0 for r in rs) / n
+                values[f"routing/{name}/base"] = sum(r < 0 for r in rs) / n
+                values[f"routing/{name}/other"] = sum(r >= 0 and r != own for r in rs) / n
+            out.append(values)
+        return out
+
+    @staticmethod
+    def _groups(record: EditRecord) -> dict[str, list[str]]:
+        """The record's queries by group (only non-empty groups)."""
+        groups = {"edit": [record.prompt], "rephrase": list(record.rephrase_prompts)}
+        groups |= {f"portability:{k}": [p.prompt for p in v] for k, v in
+                   record.portability.items()}
+        groups |= {f"locality:{k}": [p.prompt for p in v] for k, v in record.locality.items()}
+        return {k: v for k, v in groups.items() if v}
+
+    # ------------------------------------------------------------------ training
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Keep batches as lists of records (the losses tokenize what they need)."""
+        return batch
+
+    def _in_scope(self, records: Sequence[EditRecord]) -> list[tuple[int, QAPair]]:
+        """(record position, pair) of every in-scope training query of ``records``."""
+        out = []
+        for k, r in enumerate(records):
+            pairs = [r.edit_pair, *r.rephrase_pairs]
+            if self.train_portability:
+                named = set(in_scope_questions(r, named_only=True))
+                pairs += [p for g in r.portability.values() for p in g if p.prompt in named]
+            out += [(k, p) for p in dict.fromkeys(pairs)]
+        return out
+
+    @staticmethod
+    def _locality(records: Sequence[EditRecord]) -> list[tuple[int, QAPair]]:
+        """(record position, pair) of every locality query of ``records``."""
+        return [(k, p) for k, r in enumerate(records) for g in r.locality.values() for p in g]
+
+    def _counterfactual_batch(self, entries: Sequence[str], pairs: Sequence[QAPair]
+                              ) -> dict[str, torch.Tensor]:
+        """Tokenized counterfactual inputs ``template(fact, prompt) + " " + answer``."""
+        ctx = [QAPair(self.template.format(fact=f, prompt=p.prompt), p.answer)
+               for f, p in zip(entries, pairs, strict=True)]
+        return {k: v.to(self.device) for k, v in self.collator(ctx).items()}
+
+    def _logits(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+
+    def supervised_loss(self, records: Sequence[EditRecord]) -> dict[str, torch.Tensor]:
+        """The paper's objective on a batch of edits (see the class doc).
+
+        Returns:
+            ``loss``, ``loss_cntr``, ``loss_cls``.
+        """
+        pos = self._in_scope(records)
+        loc = self._locality(records)
+        keys = [r.prompt for r in records]
+        queries = [p.prompt for _, p in pos] + [p.prompt for _, p in loc]
+        log_s = self.classifier.log_similarity(keys, queries)  # [P + M, N]
+        gold = torch.tensor([k for k, _ in pos], device=log_s.device)
+        p_rows = log_s[: len(pos)]  # [P, N]
+        positive = p_rows.gather(1, gold[:, None]).squeeze(1)  # [P]
+        others = torch.ones_like(p_rows, dtype=torch.bool)
+        others[torch.arange(len(pos)), gold] = False
+        negative = [p_rows[others]]  # in-batch negatives
+        if loc:
+            l_rows = log_s[len(pos):]  # [M, N]
+            if self.use_all_negatives:
+                negative.append(l_rows.reshape(-1))
+            else:
+                owner = torch.tensor([k for k, _ in loc], device=log_s.device)
+                negative.append(l_rows.gather(1, owner[:, None]).squeeze(1))
+        if self.balance_negatives and len(negative) == 2:
+            l_cls = balanced_bce(positive, negative[1]) + balanced_bce(
+                positive[:0], negative[0])
+        else:
+            l_cls = balanced_bce(positive, torch.cat(negative))
+        trained = pos + (loc if self.counterfactual_locality else [])
+        batch = self._counterfactual_batch([records[k].fact for k, _ in trained],
+                                           [p for _, p in trained])
+        l_cntr = masked_nll(self._logits(self.counterfactual, batch), batch["labels"])
+        return {"loss": self.c_edit * l_cntr + self.c_loc * l_cls, "loss_cntr": l_cntr,
+                "loss_cls": l_cls}
+
+    def soft_loss(self, records: Sequence[EditRecord]) -> dict[str, torch.Tensor]:
+        """The peer's objective: soft mixture, NLL on the edit prompts, KL on locality.
+
+        Returns:
+            ``loss``, ``loss_edit``, ``loss_loc``.
+        """
+        edit = [r.edit_pair for r in records]
+        loc = [p for _, p in self._locality(records)]
+        queries = edit + loc
+        keys = [r.prompt for r in records]
+        log_s = self.classifier.log_similarity(keys, [q.prompt for q in queries])  # [Q, N]
+        best, index = log_s.max(-1)  # [Q]
+        base_batch = {k: v.to(self.device) for k, v in self.collator(queries).items()}
+        cf_batch = self._counterfactual_batch([records[i].fact for i in index.tolist()], queries)
+        with torch.no_grad():
+            base = self._logits(self.model, base_batch)
+        cf = self._logits(self.counterfactual, cf_batch)
+        base_lp, rows = _answer_log_probs(base, base_batch["labels"])  # [T, V], [T]
+        cf_lp, cf_rows = _answer_log_probs(cf, cf_batch["labels"])
+        if not torch.equal(rows, cf_rows):
+            raise RuntimeError("the answer tokens differ between the base and the cf inputs")
+        s = best.exp()[rows][:, None]  # [T, 1]
+        mix = torch.logaddexp(torch.log1p(-s.clamp(max=1 - 1e-6)) + base_lp, s.log() + cf_lp)
+        target = base_batch["labels"][:, 1:][base_batch["labels"][:, 1:] != IGNORE_INDEX]
+        is_edit = rows < len(edit)
+        nll = -mix.gather(1, target[:, None]).squeeze(1)  # [T]
+        l_edit = nll[is_edit].mean()
+        kl = (base_lp.exp() * (base_lp - mix)).sum(-1)  # [T]
+        l_loc = kl[~is_edit].mean() if (~is_edit).any() else l_edit.new_zeros(())
+        return {"loss": self.c_edit * l_edit + self.c_loc * l_loc, "loss_edit": l_edit,
+                "loss_loc": l_loc}
+
+    def training_step(self, batch: list[EditRecord], batch_idx: int) -> torch.Tensor:
+        """One step of the chosen objective on a batch of records (the batch is the memory)."""
+        result = (self.supervised_loss(batch) if self.objective == "supervised"
+                  else self.soft_loss(batch))
+        for key, value in result.items():
+            self.log(f"train/{key}", value, prog_bar=key == "loss", batch_size=len(batch))
+        return result["loss"]
+
+    def validation_step(self, batch: list[EditRecord], batch_idx: int) -> None:
+        """Edit with the batch's records (the protocol path) and log the measures."""
+        with torch.inference_mode(False), torch.no_grad():
+            result = (self.supervised_loss(batch) if self.objective == "supervised"
+                      else self.soft_loss(batch))
+        edit = [r.edit_pair for r in batch]
+        rephrase = [p for r in batch for p in r.rephrase_pairs]
+        loc = [p for r in batch for g in r.locality.values() for p in g]
+        pre = self.score_pairs(loc) if loc else []
+        with apply_edit(self, batch):
+            rel = [s.token_accuracy for s in self.score_pairs(edit)]
+            gen = [s.token_accuracy for s in self.score_pairs(rephrase)] if rephrase else rel
+            post = self.score_pairs(loc) if loc else []
+        agree = [float((a.pred_ids == b.pred_ids).float().mean()) for a, b in
+                 zip(pre, post, strict=True)] or [1.0]
+        values = {
+            "val/loss": result["loss"],
+            "val/reliability": sum(rel) / len(rel),
+            "val/generalization": sum(gen) / len(gen),
+            "val/locality": sum(agree) / len(agree),
+        }
+        values["val/score"] = (values["val/reliability"] + values["val/generalization"]
+                               + values["val/locality"]) / 3
+        self.log_dict({k: float(v) for k, v in values.items()}, batch_size=len(batch))
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        """Adam over two groups: the classifier at ``classifier_lr``, the cf model at ``lr``."""
+        groups = [
+            {"params": [p for p in self.classifier.parameters() if p.requires_grad],
+             "lr": self.classifier_lr, "name": "classifier"},
+            {"params": [p for p in self.counterfactual.parameters() if p.requires_grad],
+             "lr": self.lr, "name": "counterfactual"},
+        ]
+        return torch.optim.Adam([g for g in groups if g["params"]])
+
+
+def _answer_log_probs(logits: torch.Tensor, labels: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probabilities at the positions predicting answer tokens, and their rows.
+
+    Args:
+        logits: ``[B, L, V]``.
+        labels: ``[B, L]`` (``-100`` off the answer).
+
+    Returns:
+        ``[T, V]`` log-probabilities (``logits[:, t]`` predicts ``labels[:, t + 1]``) and ``[T]``
+        the batch row of each, in row then position order.
+    """
+    mask = labels[:, 1:] != IGNORE_INDEX  # [B, L-1]
+    rows = mask.nonzero()[:, 0]  # [T]
+    return logits[:, :-1][mask].float().log_softmax(-1), rows
