@@ -185,9 +185,17 @@ def test_balanced_bce_and_its_stable_log() -> None:
     assert float(loss) == pytest.approx(0.3 - math.log(1 - math.exp(-1.0)))
 
 
-def test_a_counterfactual_model_with_another_vocabulary_is_refused() -> None:
-    with pytest.raises(ValueError, match="counterfactual: 'tinyfacts-seed1' does not share"):
-        SERACEditor(counterfactual="tinyfacts-seed1")
+def test_a_counterfactual_model_with_another_vocabulary_is_refused(tmp_path) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({"<eos>": 0, "a": 1, "b": 2}, unk_token="<eos>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>").save_pretrained(tmp_path)
+    GPT2LMHeadModel(GPT2Config(vocab_size=3, n_layer=1, n_embd=8, n_head=2, bos_token_id=0,
+                               eos_token_id=0, pad_token_id=0)).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=f"counterfactual: '{tmp_path}' does not share"):
+        SERACEditor(counterfactual=str(tmp_path))
 
 
 def test_pooling_comes_from_the_model_config(tmp_path) -> None:
