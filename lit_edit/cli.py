@@ -8,6 +8,7 @@ configs (``configs/<method>/<dataset>.yaml``).
 from __future__ import annotations
 
 import contextlib
+import importlib
 import logging
 import sys
 import warnings
@@ -134,14 +135,28 @@ class LitEditCLI(LightningCLI):
         torch CPU threads for the whole run, set before the editor and the data are built
         (``null``: torch's default, all cores). The thread count changes floating-point results,
         so every config whose figures are published fixes it; ``summary.json`` records it.
+        ``allow_untrained``: let ``test`` score an editor whose class sets
+        :attr:`~lit_edit.methods.EditorModule.needs_training` without a checkpoint.
         """
         parser.add_class_arguments(Evaluation, "evaluation")
         parser.add_argument("--threads", type=int | None, default=None,
                             help="torch CPU threads for the run (null: torch's default)")
+        parser.add_argument(
+            "--allow_untrained", type=bool, default=False,
+            help="evaluate an editor that must be trained (MEND, ...) without --ckpt_path, "
+            "i.e. its untrained network (a warning says so); without it, that is refused",
+        )
 
     def before_instantiate_classes(self) -> None:
-        """Set the run's torch thread count (``threads``) before anything is built."""
+        """Refuse to test an untrained editor, and set the thread count, before anything is built.
+
+        Raises:
+            SystemExit: with one line, when ``test`` runs an editor whose class
+                ``needs_training`` without ``--ckpt_path`` and without ``--allow_untrained``.
+        """
         config = self.config[self.subcommand] if self.subcommand else self.config
+        if self.subcommand == "test":
+            _check_trained(config)
         threads = config.get("threads")
         if threads is not None:
             if threads < 1:
@@ -152,6 +167,40 @@ class LitEditCLI(LightningCLI):
         """Hand the evaluation settings to the editor."""
         config = self.config_init[self.subcommand] if self.subcommand else self.config_init
         self.model.evaluation = config["evaluation"]
+
+
+def _check_trained(config: Any) -> None:
+    """Stop a ``test`` run of an editor that must be trained but has no checkpoint.
+
+    Args:
+        config: The ``test`` subcommand's parsed config.
+
+    Raises:
+        SystemExit: with one line naming the editor and the two ways on.
+    """
+    if config.get("ckpt_path"):
+        return
+    model = _plain(config.get("model")) or {}
+    class_path = model.get("class_path") if isinstance(model, dict) else None
+    if not class_path:
+        return
+    module_name, _, name = str(class_path).rpartition(".")
+    editor = getattr(importlib.import_module(module_name), name, None)
+    if not getattr(editor, "needs_training", False):
+        return
+    if config.get("allow_untrained"):
+        warnings.warn(
+            f"evaluating an untrained {name} (no --ckpt_path, --allow_untrained true): its "
+            "scores are those of the untrained network, not of the method",
+            UserWarning,
+            stacklevel=2,
+        )
+        return
+    raise SystemExit(
+        f"error: {name} must be trained before it is evaluated: give --ckpt_path "
+        "(a checkpoint written by train.py fit), or --allow_untrained true to score the "
+        "untrained editor"
+    )
 
 
 def _plain(value: Any) -> Any:
@@ -180,7 +229,8 @@ def evaluate_main(args: Sequence[str] | None = None) -> LitEditCLI:
     Args:
         args: Arguments after the program name, e.g.
             ``["--config", "configs/ft/tinyfacts.yaml"]`` (add ``--ckpt_path`` for a trained
-            editor).
+            editor; an editor that must be trained, such as MEND, is refused without it unless
+            ``--allow_untrained true`` is given).
 
     Returns:
         The CLI object.
