@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import logging
+import os
 import sys
 import warnings
 from collections.abc import Iterator, Sequence
@@ -108,15 +109,12 @@ class LitEditCLI(LightningCLI):
         ckpt_path = config.get("ckpt_path")
         if not ckpt_path or not Path(ckpt_path).is_file():
             return
-        saved = dict(
-            torch.load(ckpt_path, weights_only=True, map_location="cpu").get("hyper_parameters")
-            or {}
-        )
+        saved = dict(read_checkpoint(ckpt_path).get("hyper_parameters") or {})
         saved.pop("_instantiator", None)
         saved_class = saved.pop("_class_path", None)
         model = _plain(config.get("model")) or {}
         if saved_class and model.get("class_path") and saved_class != model["class_path"]:
-            raise ValueError(
+            raise CheckpointError(
                 f"{ckpt_path} holds a {saved_class} but the config's model is "
                 f"{model['class_path']}: evaluate it with that editor's config"
             )
@@ -169,6 +167,104 @@ class LitEditCLI(LightningCLI):
         self.model.evaluation = config["evaluation"]
 
 
+class CheckpointError(ValueError):
+    """A ``--ckpt_path`` that is not a lit_edit checkpoint (empty, truncated, another class)."""
+
+
+class ConfigFileError(ValueError):
+    """A ``--config`` file that cannot be used (missing or empty)."""
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load a checkpoint's contents (tensors and plain values only) on the CPU.
+
+    Args:
+        path: The checkpoint file.
+
+    Returns:
+        The checkpoint dict.
+
+    Raises:
+        CheckpointError: naming the path when the file is empty, truncated or not a checkpoint.
+    """
+    p = Path(path)
+    if p.stat().st_size == 0:
+        raise CheckpointError(f"{path}: not a lit_edit checkpoint (empty file)")
+    try:
+        saved = torch.load(p, weights_only=True, map_location="cpu")
+    except Exception as e:  # noqa: BLE001  (whatever torch.load fails with, on any bytes)
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(
+            f"{path}: not a lit_edit checkpoint (truncated or not a torch checkpoint: {reason})"
+        ) from e
+    if not isinstance(saved, dict) or "state_dict" not in saved:
+        raise CheckpointError(f"{path}: not a lit_edit checkpoint (no state_dict in it)")
+    return saved
+
+
+def check_config_files(args: Sequence[str]) -> None:
+    """Refuse ``--config`` files that are missing or hold no setting, before parsing.
+
+    Args:
+        args: The command-line arguments.
+
+    Raises:
+        ConfigFileError: naming the file.
+    """
+    paths = [b for a, b in zip(args, args[1:], strict=False) if a == "--config"]
+    paths += [a.removeprefix("--config=") for a in args if a.startswith("--config=")]
+    for path in paths:
+        p = Path(path)
+        if not p.is_file():
+            if "\n" in path or ":" in path:  # an inline YAML string, not a path
+                continue
+            raise ConfigFileError(f"{path}: no such config file")
+        text = p.read_text(encoding="utf-8")
+        if not any(line.split("#", 1)[0].strip() for line in text.splitlines()):
+            raise ConfigFileError(
+                f"{path}: the config file is empty (give e.g. configs/ft/tinyfacts.yaml, or "
+                "settings such as 'model:' and 'data:')"
+            )
+
+
+def _user_error(error: BaseException) -> BaseException | None:
+    """The first error of ``error``'s chain that is the user's to fix (one line is enough)."""
+    from lit_edit.backbone import BackboneNotFoundError
+    from lit_edit.records import DataFileError
+
+    kinds = (DataFileError, CheckpointError, ConfigFileError, BackboneNotFoundError)
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        if isinstance(current, kinds):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
+
+
+@contextlib.contextmanager
+def one_line_errors(enabled: bool = True) -> Iterator[None]:
+    """Turn a data, config, checkpoint or backbone error into one ``error: ...`` line and exit 1.
+
+    Set the environment variable ``LIT_EDIT_TRACEBACK=1`` to get the full traceback instead.
+
+    Args:
+        enabled: Whether to convert (the command line); Python callers get the exception.
+
+    Raises:
+        SystemExit: with the error's one-line message.
+    """
+    try:
+        yield
+    except Exception as e:
+        found = _user_error(e) if enabled else None
+        if found is None or os.environ.get("LIT_EDIT_TRACEBACK", "") not in ("", "0"):
+            raise
+        message = " ".join(str(found).split("\n")[0].split())
+        raise SystemExit(f"error: {message} (LIT_EDIT_TRACEBACK=1 for the traceback)") from e
+
+
 def _check_trained(config: Any) -> None:
     """Stop a ``test`` run of an editor that must be trained but has no checkpoint.
 
@@ -219,8 +315,10 @@ def train_main(args: Sequence[str] | None = None) -> LitEditCLI:
     Returns:
         The CLI object (its ``trainer``, ``model`` and ``datamodule`` after the run).
     """
-    with _restored_threads():
-        return LitEditCLI(args=list(sys.argv[1:] if args is None else args))
+    argv = list(sys.argv[1:] if args is None else args)
+    with one_line_errors(enabled=args is None), _restored_threads():
+        check_config_files(argv)
+        return LitEditCLI(args=argv)
 
 
 def evaluate_main(args: Sequence[str] | None = None) -> LitEditCLI:
@@ -236,7 +334,8 @@ def evaluate_main(args: Sequence[str] | None = None) -> LitEditCLI:
         The CLI object.
     """
     argv = list(sys.argv[1:] if args is None else args)
-    with _restored_threads():
+    with one_line_errors(enabled=args is None), _restored_threads():
+        check_config_files(argv)
         return LitEditCLI(args=["test", *argv])
 
 
