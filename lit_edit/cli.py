@@ -335,6 +335,12 @@ def evaluate_main(args: Sequence[str] | None = None) -> LitEditCLI:
     """
     argv = list(sys.argv[1:] if args is None else args)
     with one_line_errors(enabled=args is None), _restored_threads():
+        if not argv:
+            raise ConfigFileError(
+                "no config given; usage: python evaluate.py --config "
+                "configs/<method>/<dataset>.yaml [--ckpt_path CKPT] [--<section>.<key> VALUE ...]"
+                " (python evaluate.py --help lists every option)"
+            )
         check_config_files(argv)
         return LitEditCLI(args=["test", *argv])
 

@@ -139,3 +139,9 @@ def test_data_file_error_is_kept_for_python_callers(tmp_path: Path) -> None:
     data.write_text("[]")
     with pytest.raises(DataFileError, match="contains no records"):
         evaluate_main(["--config", str(ft_config(tmp_path, data))])
+
+
+def test_evaluate_without_arguments_gives_its_usage(monkeypatch: pytest.MonkeyPatch) -> None:
+    message = command_line(monkeypatch, evaluate_main)
+    assert "usage: python evaluate.py --config configs/<method>/<dataset>.yaml" in message
+    assert "{fit,validate,test,predict}" not in message
