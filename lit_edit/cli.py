@@ -7,10 +7,14 @@ configs (``configs/<method>/<dataset>.yaml``).
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import difflib
 import importlib
+import inspect
 import logging
 import os
+import re
 import sys
 import warnings
 from collections.abc import Iterator, Sequence
@@ -227,12 +231,80 @@ def check_config_files(args: Sequence[str]) -> None:
             )
 
 
+def _parameters(target: Any) -> list[str]:
+    """The init argument names of a class (over its bases), for close-match suggestions."""
+    names: list[str] = []
+    for klass in getattr(target, "__mro__", (target,)):
+        init = getattr(klass, "__init__", None)
+        try:
+            params = inspect.signature(init).parameters
+        except (TypeError, ValueError):
+            continue
+        variadic = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+        names += [n for n, q in params.items() if n != "self" and q.kind not in variadic]
+    return list(dict.fromkeys(names))
+
+
+def _import(class_path: str) -> Any:
+    """The class named by a dotted path, or ``None``."""
+    module_name, _, name = class_path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module_name), name, None)
+    except ImportError:
+        return None
+
+
+def config_error_line(message: str) -> str:
+    """One line for a config/argument parse error: the key and its close matches.
+
+    Args:
+        message: The parser's (multi-line) message.
+
+    Returns:
+        ``"config key 'model.init_args.lrr' is not accepted by lit_edit.methods.FTEditor; close
+        matches: lr"`` for an unknown init argument, ``"unknown option '--trainer.max_stepz';
+        close matches: --trainer.max_steps"`` for an unknown option, else the message's lines
+        joined.
+    """
+    option = re.search(r"Option '([^']+)' is not accepted", message)
+    section = re.search(r'Parser key "([^"]+)"', message)
+    class_path = re.search(r"class_path '([^']+)'", message)
+    if option and class_path:
+        where = f"{section.group(1)}.init_args." if section else ""
+        known = _parameters(_import(class_path.group(1)))
+        close = difflib.get_close_matches(option.group(1), known, n=3)
+        hint = f"; close matches: {', '.join(close)}" if close else ""
+        return (
+            f"config key '{where}{option.group(1)}' is not accepted by "
+            f"{class_path.group(1)}{hint}"
+        )
+    unknown = re.search(r"unrecognized arguments: (--[^\s=]+)", message)
+    if unknown:
+        key = unknown.group(1).removeprefix("--")
+        head, _, last = key.rpartition(".")
+        owners = {"trainer": Trainer, "evaluation": Evaluation}
+        if head in owners:
+            known = [f"{head}.{n}" for n in _parameters(owners[head])]
+        else:
+            known = [
+                "config", "seed_everything", "trainer", "model", "data", "evaluation", "threads",
+                "allow_untrained", "ckpt_path", "optimizer", "lr_scheduler",
+            ]
+        close = difflib.get_close_matches(key, known, n=3)
+        hint = f"; close matches: {', '.join('--' + c for c in close)}" if close else ""
+        return f"unknown option '--{key}'{hint}"
+    return " ".join(message.split())
+
+
 def _user_error(error: BaseException) -> BaseException | None:
     """The first error of ``error``'s chain that is the user's to fix (one line is enough)."""
     from lit_edit.backbone import BackboneNotFoundError
     from lit_edit.records import DataFileError
 
-    kinds = (DataFileError, CheckpointError, ConfigFileError, BackboneNotFoundError)
+    kinds = (
+        DataFileError, CheckpointError, ConfigFileError, BackboneNotFoundError,
+        argparse.ArgumentError,
+    )
     seen: set[int] = set()
     current: BaseException | None = error
     while current is not None and id(current) not in seen:
@@ -261,7 +333,10 @@ def one_line_errors(enabled: bool = True) -> Iterator[None]:
         found = _user_error(e) if enabled else None
         if found is None or os.environ.get("LIT_EDIT_TRACEBACK", "") not in ("", "0"):
             raise
-        message = " ".join(str(found).split("\n")[0].split())
+        if isinstance(found, argparse.ArgumentError):
+            message = config_error_line(str(found))
+        else:
+            message = " ".join(str(found).split("\n")[0].split())
         raise SystemExit(f"error: {message} (LIT_EDIT_TRACEBACK=1 for the traceback)") from e
 
 
@@ -318,7 +393,7 @@ def train_main(args: Sequence[str] | None = None) -> LitEditCLI:
     argv = list(sys.argv[1:] if args is None else args)
     with one_line_errors(enabled=args is None), _restored_threads():
         check_config_files(argv)
-        return LitEditCLI(args=argv)
+        return LitEditCLI(args=argv, **_command_line_parsing(args is None))
 
 
 def evaluate_main(args: Sequence[str] | None = None) -> LitEditCLI:
@@ -342,7 +417,12 @@ def evaluate_main(args: Sequence[str] | None = None) -> LitEditCLI:
                 " (python evaluate.py --help lists every option)"
             )
         check_config_files(argv)
-        return LitEditCLI(args=["test", *argv])
+        return LitEditCLI(args=["test", *argv], **_command_line_parsing(args is None))
+
+
+def _command_line_parsing(enabled: bool) -> dict[str, Any]:
+    """On the command line, parse errors are raised (then printed in one line), not printed."""
+    return {"parser_kwargs": {"exit_on_error": False}} if enabled else {}
 
 
 @contextlib.contextmanager

@@ -145,3 +145,42 @@ def test_evaluate_without_arguments_gives_its_usage(monkeypatch: pytest.MonkeyPa
     message = command_line(monkeypatch, evaluate_main)
     assert "usage: python evaluate.py --config configs/<method>/<dataset>.yaml" in message
     assert "{fit,validate,test,predict}" not in message
+
+
+def test_unknown_init_argument_in_a_config_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    overlay = tmp_path / "bad.yaml"
+    overlay.write_text(
+        yaml.safe_dump(
+            {"model": {"class_path": "lit_edit.methods.FTEditor", "init_args": {"lrr": 1}}}
+        )
+    )
+    message = command_line(monkeypatch, evaluate_main, "--config", FT, "--config", str(overlay))
+    assert (
+        "config key 'model.init_args.lrr' is not accepted by lit_edit.methods.FTEditor; "
+        "close matches: lr" in message
+    )
+
+
+@pytest.mark.parametrize(
+    ("option", "expected"),
+    [
+        (
+            "--trainer.max_stepz",
+            "unknown option '--trainer.max_stepz'; close matches: --trainer.max_steps",
+        ),
+        ("--threds", "unknown option '--threds'; close matches: --threads"),
+        ("--evaluation.protocl", "close matches: --evaluation.protocol"),
+    ],
+)
+def test_unknown_option_and_its_close_matches(
+    option: str, expected: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    message = command_line(monkeypatch, evaluate_main, "--config", FT, option, "1")
+    assert expected in message
+
+
+def test_train_without_model_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    message = command_line(monkeypatch, train_main, "fit")
+    assert "required" in message
