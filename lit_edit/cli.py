@@ -165,6 +165,18 @@ class LitEditCLI(LightningCLI):
                 raise ValueError(f"threads must be >= 1, got {threads}")
             torch.set_num_threads(threads)
 
+    def before_test(self) -> None:
+        """Hold the editing report back until Lightning has printed its table of test metrics."""
+        self.model.defer_report = True
+
+    def after_test(self) -> None:
+        """Print the editing report (KnowEdit-layout table, pre/post table, results folder)."""
+        from lit_edit.evaluation_loop import EvaluationLoop
+
+        for callback in self.trainer.callbacks:
+            if isinstance(callback, EvaluationLoop) and callback.report is not None:
+                print(callback.report)
+
     def after_instantiate_classes(self) -> None:
         """Hand the evaluation settings to the editor."""
         config = self.config_init[self.subcommand] if self.subcommand else self.config_init
