@@ -245,3 +245,33 @@ def test_shared_subject_replace_file_portability_and_unused_keys() -> None:
 def test_shared_zsre_eval_unused_keys() -> None:
     result = read_records(DATA / "zsre/zsre_mend_eval_portability_gpt4.json")
     assert result.unused_keys == {"pred": 1037, "cond": 1037}
+
+
+def test_rome_groups_reach_the_evaluation_breakdown(tmp_path: Path) -> None:
+    """A ROME file's portability and distracting prompts are scored: they are in summary.json."""
+    import yaml
+
+    from lit_edit.cli import evaluate_main
+
+    raw = rome_raw(
+        portability={"New Question": "Which continent is Camembert from?", "New Answer": "Asia"},
+        distracting_neighborhood_prompts=["Camembert originates from Japan. Brie originates from"],
+    )
+    data = write_json(tmp_path / "rome.json", [raw])
+    config = {
+        "trainer": {"logger": False, "enable_progress_bar": False},
+        "model": {"class_path": "lit_edit.methods.FTEditor"},
+        "data": {
+            "class_path": "lit_edit.data.EditDataModule",
+            "init_args": {"test_path": str(data)},
+        },
+        "evaluation": {"results_dir": str(tmp_path / "results")},
+    }
+    path = tmp_path / "ft.yaml"
+    path.write_text(yaml.safe_dump(config))
+    evaluate_main(["--config", str(path)])
+    summary = json.loads((tmp_path / "results" / "summary.json").read_text())
+    text = json.dumps(summary)
+    for key in ("locality/distracting", "locality/neighborhood", "portability/one_hop"):
+        assert key in text, key
+    assert summary["portability"] is not None
