@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import logging
-from collections.abc import Mapping
+import os
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -71,6 +73,36 @@ class Backbone:
                               revision=self.revision)
 
 
+class BackboneNotFoundError(OSError):
+    """A backbone name that is neither a local directory nor loadable from the hub (cache).
+
+    Args:
+        name_or_path: What was looked up.
+        error: The loader's error.
+    """
+
+    def __init__(self, name_or_path: str, error: Exception) -> None:
+        offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
+        why = "the hub is offline (HF_HUB_OFFLINE=1)" if offline else "the hub did not give it"
+        super().__init__(
+            f"backbone {name_or_path!r}: not a local directory, not in the Hugging Face cache, "
+            f"and {why}; give a local directory holding config.json, the weights and the "
+            f"tokenizer (e.g. written by save_pretrained) as the backbone ({type(error).__name__})"
+        )
+        self.name_or_path = name_or_path
+
+
+@contextlib.contextmanager
+def _not_found_as_one_error(name_or_path: str, path: str) -> Iterator[None]:
+    """Raise :class:`BackboneNotFoundError` for a hub name that cannot be loaded."""
+    try:
+        yield
+    except OSError as e:
+        if Path(path).exists():
+            raise
+        raise BackboneNotFoundError(name_or_path, e) from e
+
+
 def resolve_model_path(name_or_path: str) -> str:
     """Map a model name to something ``from_pretrained`` loads.
 
@@ -109,9 +141,10 @@ def load_tokenizer(
         The tokenizer.
     """
     path = resolve_model_path(name_or_path)
-    tokenizer = AutoTokenizer.from_pretrained(
-        path, trust_remote_code=trust_remote_code, revision=revision
-    )
+    with _not_found_as_one_error(name_or_path, path):
+        tokenizer = AutoTokenizer.from_pretrained(
+            path, trust_remote_code=trust_remote_code, revision=revision
+        )
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
             raise ValueError(f"tokenizer of {name_or_path!r} has neither a pad nor an EOS token")
@@ -144,13 +177,14 @@ def load_causal_lm(
     if dtype not in dtypes:
         raise ValueError(f"dtype must be one of {sorted(dtypes)}, got {dtype!r}")
     path = resolve_model_path(name_or_path)
-    model = AutoModelForCausalLM.from_pretrained(
-        path,
-        dtype=dtypes[dtype],
-        trust_remote_code=trust_remote_code,
-        revision=revision,
-        use_safetensors=True,
-    )
+    with _not_found_as_one_error(name_or_path, path):
+        model = AutoModelForCausalLM.from_pretrained(
+            path,
+            dtype=dtypes[dtype],
+            trust_remote_code=trust_remote_code,
+            revision=revision,
+            use_safetensors=True,
+        )
     model.eval()
     return model
 

@@ -7,8 +7,14 @@ configs (``configs/<method>/<dataset>.yaml``).
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import difflib
+import importlib
+import inspect
 import logging
+import os
+import re
 import sys
 import warnings
 from collections.abc import Iterator, Sequence
@@ -107,15 +113,12 @@ class LitEditCLI(LightningCLI):
         ckpt_path = config.get("ckpt_path")
         if not ckpt_path or not Path(ckpt_path).is_file():
             return
-        saved = dict(
-            torch.load(ckpt_path, weights_only=True, map_location="cpu").get("hyper_parameters")
-            or {}
-        )
+        saved = dict(read_checkpoint(ckpt_path).get("hyper_parameters") or {})
         saved.pop("_instantiator", None)
         saved_class = saved.pop("_class_path", None)
         model = _plain(config.get("model")) or {}
         if saved_class and model.get("class_path") and saved_class != model["class_path"]:
-            raise ValueError(
+            raise CheckpointError(
                 f"{ckpt_path} holds a {saved_class} but the config's model is "
                 f"{model['class_path']}: evaluate it with that editor's config"
             )
@@ -134,24 +137,253 @@ class LitEditCLI(LightningCLI):
         torch CPU threads for the whole run, set before the editor and the data are built
         (``null``: torch's default, all cores). The thread count changes floating-point results,
         so every config whose figures are published fixes it; ``summary.json`` records it.
+        ``allow_untrained``: let ``test`` score an editor whose class sets
+        :attr:`~lit_edit.methods.EditorModule.needs_training` without a checkpoint.
         """
         parser.add_class_arguments(Evaluation, "evaluation")
         parser.add_argument("--threads", type=int | None, default=None,
                             help="torch CPU threads for the run (null: torch's default)")
+        parser.add_argument(
+            "--allow_untrained", type=bool, default=False,
+            help="evaluate an editor that must be trained (MEND, ...) without --ckpt_path, "
+            "i.e. its untrained network (a warning says so); without it, that is refused",
+        )
 
     def before_instantiate_classes(self) -> None:
-        """Set the run's torch thread count (``threads``) before anything is built."""
+        """Refuse to test an untrained editor, and set the thread count, before anything is built.
+
+        Raises:
+            SystemExit: with one line, when ``test`` runs an editor whose class
+                ``needs_training`` without ``--ckpt_path`` and without ``--allow_untrained``.
+        """
         config = self.config[self.subcommand] if self.subcommand else self.config
+        if self.subcommand == "test":
+            _check_trained(config)
         threads = config.get("threads")
         if threads is not None:
             if threads < 1:
                 raise ValueError(f"threads must be >= 1, got {threads}")
             torch.set_num_threads(threads)
 
+    def before_test(self) -> None:
+        """Hold the editing report back until Lightning has printed its table of test metrics."""
+        self.model.defer_report = True
+
+    def after_test(self) -> None:
+        """Print the editing report (KnowEdit-layout table, pre/post table, results folder)."""
+        from lit_edit.evaluation_loop import EvaluationLoop
+
+        for callback in self.trainer.callbacks:
+            if isinstance(callback, EvaluationLoop) and callback.report is not None:
+                print(callback.report)
+
     def after_instantiate_classes(self) -> None:
         """Hand the evaluation settings to the editor."""
         config = self.config_init[self.subcommand] if self.subcommand else self.config_init
         self.model.evaluation = config["evaluation"]
+
+
+class CheckpointError(ValueError):
+    """A ``--ckpt_path`` that is not a lit_edit checkpoint (empty, truncated, another class)."""
+
+
+class ConfigFileError(ValueError):
+    """A ``--config`` file that cannot be used (missing or empty)."""
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load a checkpoint's contents (tensors and plain values only) on the CPU.
+
+    Args:
+        path: The checkpoint file.
+
+    Returns:
+        The checkpoint dict.
+
+    Raises:
+        CheckpointError: naming the path when the file is empty, truncated or not a checkpoint.
+    """
+    p = Path(path)
+    if p.stat().st_size == 0:
+        raise CheckpointError(f"{path}: not a lit_edit checkpoint (empty file)")
+    try:
+        saved = torch.load(p, weights_only=True, map_location="cpu")
+    except Exception as e:  # noqa: BLE001  (whatever torch.load fails with, on any bytes)
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(
+            f"{path}: not a lit_edit checkpoint (truncated or not a torch checkpoint: {reason})"
+        ) from e
+    if not isinstance(saved, dict) or "state_dict" not in saved:
+        raise CheckpointError(f"{path}: not a lit_edit checkpoint (no state_dict in it)")
+    return saved
+
+
+def check_config_files(args: Sequence[str]) -> None:
+    """Refuse ``--config`` files that are missing or hold no setting, before parsing.
+
+    Args:
+        args: The command-line arguments.
+
+    Raises:
+        ConfigFileError: naming the file.
+    """
+    paths = [b for a, b in zip(args, args[1:], strict=False) if a == "--config"]
+    paths += [a.removeprefix("--config=") for a in args if a.startswith("--config=")]
+    for path in paths:
+        p = Path(path)
+        if not p.is_file():
+            if "\n" in path or ":" in path:  # an inline YAML string, not a path
+                continue
+            raise ConfigFileError(f"{path}: no such config file")
+        text = p.read_text(encoding="utf-8")
+        if not any(line.split("#", 1)[0].strip() for line in text.splitlines()):
+            raise ConfigFileError(
+                f"{path}: the config file is empty (give e.g. configs/ft/tinyfacts.yaml, or "
+                "settings such as 'model:' and 'data:')"
+            )
+
+
+def _parameters(target: Any) -> list[str]:
+    """The init argument names of a class (over its bases), for close-match suggestions."""
+    names: list[str] = []
+    for klass in getattr(target, "__mro__", (target,)):
+        init = getattr(klass, "__init__", None)
+        try:
+            params = inspect.signature(init).parameters
+        except (TypeError, ValueError):
+            continue
+        variadic = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+        names += [n for n, q in params.items() if n != "self" and q.kind not in variadic]
+    return list(dict.fromkeys(names))
+
+
+def _import(class_path: str) -> Any:
+    """The class named by a dotted path, or ``None``."""
+    module_name, _, name = class_path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module_name), name, None)
+    except ImportError:
+        return None
+
+
+def config_error_line(message: str) -> str:
+    """One line for a config/argument parse error: the key and its close matches.
+
+    Args:
+        message: The parser's (multi-line) message.
+
+    Returns:
+        ``"config key 'model.init_args.lrr' is not accepted by lit_edit.methods.FTEditor; close
+        matches: lr"`` for an unknown init argument, ``"unknown option '--trainer.max_stepz';
+        close matches: --trainer.max_steps"`` for an unknown option, else the message's lines
+        joined.
+    """
+    option = re.search(r"Option '([^']+)' is not accepted", message)
+    section = re.search(r'Parser key "([^"]+)"', message)
+    class_path = re.search(r"class_path '([^']+)'", message)
+    if option and class_path:
+        where = f"{section.group(1)}.init_args." if section else ""
+        known = _parameters(_import(class_path.group(1)))
+        close = difflib.get_close_matches(option.group(1), known, n=3)
+        hint = f"; close matches: {', '.join(close)}" if close else ""
+        return (
+            f"config key '{where}{option.group(1)}' is not accepted by "
+            f"{class_path.group(1)}{hint}"
+        )
+    unknown = re.search(r"unrecognized arguments: (--[^\s=]+)", message)
+    if unknown:
+        key = unknown.group(1).removeprefix("--")
+        head, _, last = key.rpartition(".")
+        owners = {"trainer": Trainer, "evaluation": Evaluation}
+        if head in owners:
+            known = [f"{head}.{n}" for n in _parameters(owners[head])]
+        else:
+            known = [
+                "config", "seed_everything", "trainer", "model", "data", "evaluation", "threads",
+                "allow_untrained", "ckpt_path", "optimizer", "lr_scheduler",
+            ]
+        close = difflib.get_close_matches(key, known, n=3)
+        hint = f"; close matches: {', '.join('--' + c for c in close)}" if close else ""
+        return f"unknown option '--{key}'{hint}"
+    return " ".join(message.split())
+
+
+def _user_error(error: BaseException) -> BaseException | None:
+    """The first error of ``error``'s chain that is the user's to fix (one line is enough)."""
+    from lit_edit.backbone import BackboneNotFoundError
+    from lit_edit.records import DataFileError
+
+    kinds = (
+        DataFileError, CheckpointError, ConfigFileError, BackboneNotFoundError,
+        argparse.ArgumentError,
+    )
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        if isinstance(current, kinds):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
+
+
+@contextlib.contextmanager
+def one_line_errors(enabled: bool = True) -> Iterator[None]:
+    """Turn a data, config, checkpoint or backbone error into one ``error: ...`` line and exit 1.
+
+    Set the environment variable ``LIT_EDIT_TRACEBACK=1`` to get the full traceback instead.
+
+    Args:
+        enabled: Whether to convert (the command line); Python callers get the exception.
+
+    Raises:
+        SystemExit: with the error's one-line message.
+    """
+    try:
+        yield
+    except Exception as e:
+        found = _user_error(e) if enabled else None
+        if found is None or os.environ.get("LIT_EDIT_TRACEBACK", "") not in ("", "0"):
+            raise
+        if isinstance(found, argparse.ArgumentError):
+            message = config_error_line(str(found))
+        else:
+            message = " ".join(str(found).split("\n")[0].split())
+        raise SystemExit(f"error: {message} (LIT_EDIT_TRACEBACK=1 for the traceback)") from e
+
+
+def _check_trained(config: Any) -> None:
+    """Stop a ``test`` run of an editor that must be trained but has no checkpoint.
+
+    Args:
+        config: The ``test`` subcommand's parsed config.
+
+    Raises:
+        SystemExit: with one line naming the editor and the two ways on.
+    """
+    if config.get("ckpt_path"):
+        return
+    model = _plain(config.get("model")) or {}
+    class_path = model.get("class_path") if isinstance(model, dict) else None
+    if not class_path:
+        return
+    module_name, _, name = str(class_path).rpartition(".")
+    editor = getattr(importlib.import_module(module_name), name, None)
+    if not getattr(editor, "needs_training", False):
+        return
+    if config.get("allow_untrained"):
+        warnings.warn(
+            f"evaluating an untrained {name} (no --ckpt_path, --allow_untrained true): its "
+            "scores are those of the untrained network, not of the method",
+            UserWarning,
+            stacklevel=2,
+        )
+        return
+    raise SystemExit(
+        f"error: {name} must be trained before it is evaluated: give --ckpt_path "
+        "(a checkpoint written by train.py fit), or --allow_untrained true to score the "
+        "untrained editor"
+    )
 
 
 def _plain(value: Any) -> Any:
@@ -170,8 +402,10 @@ def train_main(args: Sequence[str] | None = None) -> LitEditCLI:
     Returns:
         The CLI object (its ``trainer``, ``model`` and ``datamodule`` after the run).
     """
-    with _restored_threads():
-        return LitEditCLI(args=list(sys.argv[1:] if args is None else args))
+    argv = list(sys.argv[1:] if args is None else args)
+    with one_line_errors(enabled=args is None), _restored_threads():
+        check_config_files(argv)
+        return LitEditCLI(args=argv, **_command_line_parsing(args is None))
 
 
 def evaluate_main(args: Sequence[str] | None = None) -> LitEditCLI:
@@ -180,14 +414,27 @@ def evaluate_main(args: Sequence[str] | None = None) -> LitEditCLI:
     Args:
         args: Arguments after the program name, e.g.
             ``["--config", "configs/ft/tinyfacts.yaml"]`` (add ``--ckpt_path`` for a trained
-            editor).
+            editor; an editor that must be trained, such as MEND, is refused without it unless
+            ``--allow_untrained true`` is given).
 
     Returns:
         The CLI object.
     """
     argv = list(sys.argv[1:] if args is None else args)
-    with _restored_threads():
-        return LitEditCLI(args=["test", *argv])
+    with one_line_errors(enabled=args is None), _restored_threads():
+        if not argv:
+            raise ConfigFileError(
+                "no config given; usage: python evaluate.py --config "
+                "configs/<method>/<dataset>.yaml [--ckpt_path CKPT] [--<section>.<key> VALUE ...]"
+                " (python evaluate.py --help lists every option)"
+            )
+        check_config_files(argv)
+        return LitEditCLI(args=["test", *argv], **_command_line_parsing(args is None))
+
+
+def _command_line_parsing(enabled: bool) -> dict[str, Any]:
+    """On the command line, parse errors are raised (then printed in one line), not printed."""
+    return {"parser_kwargs": {"exit_on_error": False}} if enabled else {}
 
 
 @contextlib.contextmanager

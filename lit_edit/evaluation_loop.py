@@ -60,10 +60,14 @@ class EvaluationLoop(Callback):
 
     Attributes:
         run: The current (or last) evaluation run.
+        report: The tables and the results path of the last run, as printed (``None`` before).
+            An editor whose ``defer_report`` attribute is true is not printed at the end of
+            the run: the CLI prints it after Lightning's table of test metrics.
     """
 
     def __init__(self) -> None:
         self.run: EvaluationRun | None = None
+        self.report: str | None = None
         self._bar: Any = None
 
     @staticmethod
@@ -132,7 +136,9 @@ class EvaluationLoop(Callback):
         table = markdown_table(summary, method=type(pl_module).__name__)
         (folder / "table.md").write_text(table + "\n")
         plot_sequential(rows, folder / "sequential.png", title=type(pl_module).__name__)
-        print(f"\n{table}\n\nResults written to {folder.resolve()}")
+        self.report = f"\n{table}\n\nResults written to {folder.resolve()}"
+        if not getattr(pl_module, "defer_report", False):
+            print(self.report)
 
     def _log_group(self, trainer: L.Trainer, values: dict[str, float]) -> None:
         """Log one group's means as TensorBoard scalars indexed by the number of edits so far."""

@@ -19,8 +19,9 @@ def _cell(value: Any, scale: float = 100.0) -> str:
 def markdown_table(summary: Mapping[str, Any], method: str) -> str:
     """Render a summary as Markdown: the KnowEdit layout, then every metric.
 
-    The first table has KnowEdit's columns (Edit Succ., Portability, Locality, Fluency), x100 as
-    the KnowEdit and LTE papers report them; the second lists every metric pre and post edit
+    The first table has KnowEdit's columns (Edit Succ., Portability, Locality, Fluency) with
+    Generalization after Edit Succ. (the README's method table), x100 as the KnowEdit and LTE
+    papers report them; the second lists every metric pre and post edit
     (x100 too, but perplexity).
 
     Args:
@@ -38,11 +39,12 @@ def markdown_table(summary: Mapping[str, Any], method: str) -> str:
     }
     pre = summary.get("pre", {})
     lines = [
-        "| Method | Edit Succ. | Portability | Locality | Fluency |",
-        "|---|---|---|---|---|",
-        "| {} | {} | {} | {} | {} |".format(
+        "| Method | Edit Succ. | Generalization | Portability | Locality | Fluency |",
+        "|---|---|---|---|---|---|",
+        "| {} | {} | {} | {} | {} | {} |".format(
             method,
             _cell(metrics.get("reliability")),
+            _cell(metrics.get("generalization")),
             _cell(metrics.get("portability")),
             _cell(metrics.get("locality")),
             _cell(metrics.get("fluency")),

@@ -148,7 +148,10 @@ def test_counterfact_rome_record_0_normalised() -> None:
     assert len(record.generation_prompts) == 10
     assert record.meta["case_id"] == 4496 and record.meta["pararel_idx"] == 12032
     assert record.meta["relation_id"] == "P20"
-    assert record.meta["alternative_subject"] == "Mary Eliza Wright"
+    assert "alternative_subject" not in record.meta
+    assert record.portability == {
+        "subject_replace": (QAPair("Mary Eliza Wright passed away in", "Birmingham"),)
+    }
     assert (record.meta["target_new_id"], record.meta["target_true_id"]) == ("Q2256", "Q6346")
     assert len(record.meta["attribute_prompts"]) == 10
 
@@ -288,7 +291,7 @@ def test_each_sample_is_matched_by_exactly_one_reader(sample: str) -> None:
 
 def test_record_readers_exclude_the_conversation_reader() -> None:
     names = [r.format_name for r in record_readers()]
-    assert names == ["zsre", "counterfact", "counterfact_rome", "knowedit", "wise"]
+    assert names == ["zsre", "counterfact", "counterfact_rome", "knowedit", "wikibio", "wise"]
     assert len({type(r) for r in available_readers()}) == len(names) + 1
 
 

@@ -6,12 +6,19 @@ This module holds no tests; it is imported by the other ``test_data_*`` files.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+DATA = Path(
+    os.environ.get(
+        "LIT_EDIT_SHARED_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"
+    )
+)
+"""The shared data folder: ``../shared/data`` beside the repository, or ``$LIT_EDIT_SHARED_DATA``
+(a git worktree sits elsewhere)."""
 needs_data = pytest.mark.skipif(
     not DATA.is_dir(),
     reason=f"the shared data folder {DATA} is absent (it sits beside the repository, not in it)",

@@ -36,7 +36,7 @@ def run(config: str, tmp_path: Path, *extra: str):
 def test_evaluate_writes_the_results_folder(config, tmp_path, capsys):
     cli, out = run(config, tmp_path, "--data.init_args.n_test", "6")
     printed = capsys.readouterr().out
-    assert "| Method | Edit Succ. | Portability | Locality | Fluency |" in printed
+    assert "| Method | Edit Succ. | Generalization | Portability | Locality | Fluency |" in printed
     assert str(out.resolve()) in printed
     rows = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
     assert len(rows) == 6

@@ -137,6 +137,27 @@ def test_fit_checkpoints_best_and_last_then_evaluate_loads_the_editor(
         assert 0.0 <= summary[metric] <= 1.0
 
 
+def test_evaluate_refuses_an_untrained_mend_in_one_line(
+    backbone: str, zsre: str, tmp_path: Path
+) -> None:
+    config, _ = write_config(tmp_path, backbone, zsre)
+    with pytest.raises(SystemExit) as info:
+        evaluate_main(["--config", str(config)])
+    message = str(info.value.code)
+    assert "\n" not in message
+    assert message.startswith("error: MENDEditor must be trained before it is evaluated")
+    assert "--ckpt_path" in message and "--allow_untrained true" in message
+    assert not (tmp_path / "results").exists()
+
+
+def test_evaluate_untrained_mend_when_asked_warns(backbone: str, zsre: str, tmp_path: Path) -> None:
+    config, _ = write_config(tmp_path, backbone, zsre)
+    with pytest.warns(UserWarning, match="evaluating an untrained MENDEditor"):
+        result = evaluate_main(["--config", str(config), "--allow_untrained", "true"])
+    assert isinstance(result.model, MENDEditor)
+    assert json.loads((tmp_path / "results" / "summary.json").read_text())["n_records"] == 6
+
+
 def test_resuming_a_killed_run_continues(backbone: str, zsre: str, tmp_path: Path) -> None:
     config, ckpt = write_config(tmp_path, backbone, zsre)
     train_main(["fit", "--config", str(config), "--trainer.max_steps", "3"])  # "killed" at 3

@@ -6,6 +6,7 @@ from lit_edit.report import markdown_table
 def test_markdown_table_by_hand():
     summary = {
         "reliability": 0.9346,
+        "generalization": 0.25,
         "portability": None,
         "locality": 0.5,
         "perplexity": 12.345,
@@ -15,7 +16,8 @@ def test_markdown_table_by_hand():
         "breakdown": {"locality/neighborhood": 0.4},
     }
     lines = markdown_table(summary, "MENDEditor").splitlines()
-    assert lines[2] == "| MENDEditor | 93.46 | – | 50.00 | – |"
+    assert lines[0] == "| Method | Edit Succ. | Generalization | Portability | Locality | Fluency |"
+    assert lines[2] == "| MENDEditor | 93.46 | 25.00 | – | 50.00 | – |"
     assert "| reliability | 13.38 | 93.46 |" in lines
     assert "| portability | – | – |" in lines
     assert "| perplexity | 20.00 | 12.35 |" in lines  # not scaled

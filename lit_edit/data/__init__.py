@@ -13,7 +13,7 @@ from lit_edit.data.base import BaseReader, RecordReader
 from lit_edit.data.counterfact import CounterFactReader, RomeCounterFactReader
 from lit_edit.data.detect import available_readers, detect_reader, reader_by_name, record_readers
 from lit_edit.data.fields import ReadNote
-from lit_edit.data.knowedit import KnowEditReader
+from lit_edit.data.knowedit import KnowEditReader, WikiBioReader
 from lit_edit.data.lte import ConversationPair, ConversationReader
 from lit_edit.data.reading import (
     ReadResult,
@@ -45,6 +45,7 @@ __all__ = [
     "RecordReader",
     "RomeCounterFactReader",
     "TinyFactsDataModule",
+    "WikiBioReader",
     "WiseReader",
     "ZsreReader",
     "available_readers",

@@ -27,6 +27,20 @@ class BaseReader(ABC, Generic[T]):
     description: ClassVar[str]
     """One line describing the format (shown by the check command)."""
 
+    used_keys: ClassVar[frozenset[str]] = frozenset()
+    """Top-level keys the format maps to a record field or identifier; any other is unused."""
+
+    def unused_keys(self, raw: Mapping[str, Any]) -> list[str]:
+        """The top-level keys of ``raw`` this reader does not use (kept verbatim in ``meta``).
+
+        Args:
+            raw: A decoded JSON object.
+
+        Returns:
+            The keys, in the record's order.
+        """
+        return [str(k) for k in raw if k not in self.used_keys]
+
     @abstractmethod
     def matches(self, raw: Mapping[str, Any]) -> bool:
         """Whether a raw record has this format's keys (format detection).

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 from lit_edit.data.base import RecordReader
 from lit_edit.data.fields import RawRecord
+from lit_edit.data.zsre import gpt4_portability, subject_replace
 from lit_edit.records import EditRecord, QAPair, RecordError
 
 
@@ -18,11 +19,27 @@ class CounterFactReader(RecordReader):
     ``subject`` as is; ``ground_truth`` → ``ground_truth`` (normalised);
     ``rephrase_prompt`` → ``rephrase_prompts = (rephrase_prompt,)``;
     ``locality_prompt``/``locality_ground_truth`` → ``locality["neighborhood"]``;
+    ``portability`` (GPT-4 One Hop) → ``portability["one_hop"]``; ``alternative_subject`` →
+    ``portability["subject_replace"]`` (the prompt asked with it, answered ``target_new``);
     ``case_id`` and any other field → ``meta`` verbatim.
     """
 
     format_name = "counterfact"
     description = "CounterFact, flat EasyEdit format (prompt, target_new, ground_truth, locality_*)"
+    used_keys = frozenset(
+        (
+            "case_id",
+            "prompt",
+            "target_new",
+            "subject",
+            "rephrase_prompt",
+            "ground_truth",
+            "locality_prompt",
+            "locality_ground_truth",
+            "portability",
+            "alternative_subject",
+        )
+    )
 
     def matches(self, raw: Mapping[str, Any]) -> bool:
         """Detect a flat record with a ``ground_truth`` and a ``locality_prompt``."""
@@ -38,15 +55,12 @@ class CounterFactReader(RecordReader):
         rephrase = rec.text("rephrase_prompt")
         ground_truth = rec.answers("ground_truth")
         neighborhood = rec.pair("locality_prompt", "locality_ground_truth")
-        consumed = (
-            "prompt",
-            "target_new",
-            "subject",
-            "rephrase_prompt",
-            "ground_truth",
-            "locality_prompt",
-            "locality_ground_truth",
-        )
+        meta = rec.extras(self.used_keys - {"case_id"})
+        portability: dict[str, tuple[QAPair, ...]] = {}
+        gpt4_portability(rec, portability, meta)
+        replaced = subject_replace(rec, subject, prompt, target_new)
+        if replaced:
+            portability["subject_replace"] = replaced
         return EditRecord(
             prompt=prompt,
             target_new=target_new,
@@ -54,9 +68,10 @@ class CounterFactReader(RecordReader):
             subject=subject,
             rephrase_prompts=(rephrase,),
             locality={"neighborhood": (neighborhood,)} if neighborhood is not None else {},
+            portability=portability,
             source=source,
             index=rec.index,
-            meta=rec.extras(consumed),
+            meta=meta,
         )
 
 
@@ -71,14 +86,39 @@ class RomeCounterFactReader(RecordReader):
       ``requested_rewrite.target_true.str`` → ``ground_truth``;
     * ``paraphrase_prompts`` → ``rephrase_prompts``;
     * ``neighborhood_prompts`` → ``locality["neighborhood"]``, each answered with ``target_true``;
+    * the distracting-neighbourhood prompts (``distracting_neighborhood_prompts`` or
+      ``dneighborhood_prompts``: neighbourhood prompts preceded by the edit, CounterFact+) →
+      ``locality["distracting"]``, each answered with ``target_true``;
+    * ``portability`` (GPT-4 One Hop, ``{Recalled Relation, New Question, New Answer}``) →
+      ``portability["one_hop"]`` and ``meta["recalled_relation"]``;
+    * ``alternative_subject`` (Subject Replace) → ``portability["subject_replace"] =
+      (QAPair(prompt with the alternative subject in the slot, target_new),)``;
     * ``generation_prompts`` → ``generation_prompts``;
     * ``meta``: ``relation_id``, ``target_new_id``, ``target_true_id``, ``attribute_prompts``
-      (a list), and every other top-level field verbatim (``case_id``, ``pararel_idx``,
-      ``alternative_subject``, ...).
+      (a list; not scored, so reported as unused), and every other top-level field verbatim
+      (``case_id``, ``pararel_idx``, ...).
     """
 
     format_name = "counterfact_rome"
     description = "CounterFact, ROME format (requested_rewrite, paraphrase/neighborhood prompts)"
+    distracting_keys: ClassVar[tuple[str, ...]] = (
+        "distracting_neighborhood_prompts",
+        "dneighborhood_prompts",
+    )
+    """Names under which files give the distracting-neighbourhood prompts."""
+    used_keys = frozenset(
+        (
+            "case_id",
+            "pararel_idx",
+            "requested_rewrite",
+            "paraphrase_prompts",
+            "neighborhood_prompts",
+            "generation_prompts",
+            "portability",
+            "alternative_subject",
+            *distracting_keys,
+        )
+    )
 
     def matches(self, raw: Mapping[str, Any]) -> bool:
         """Detect ROME's ``requested_rewrite`` key."""
@@ -100,6 +140,16 @@ class RomeCounterFactReader(RecordReader):
         target_new = new.text("str")
         target_true = true.text("str")
         neighborhood = tuple(QAPair(p, target_true) for p in rec.text_list("neighborhood_prompts"))
+        distracting = tuple(
+            QAPair(p, target_true)
+            for key in self.distracting_keys
+            for p in rec.text_list(key, required=False)
+        )
+        locality: dict[str, tuple[QAPair, ...]] = {}
+        if neighborhood:
+            locality["neighborhood"] = neighborhood
+        if distracting:
+            locality["distracting"] = distracting
         meta: dict[str, Any] = {
             "relation_id": rewrite.raw.get("relation_id"),
             "target_new_id": new.raw.get("id"),
@@ -107,23 +157,21 @@ class RomeCounterFactReader(RecordReader):
             "attribute_prompts": list(rec.text_list("attribute_prompts", required=False)),
         }
         meta.update(
-            rec.extras(
-                (
-                    "requested_rewrite",
-                    "paraphrase_prompts",
-                    "neighborhood_prompts",
-                    "attribute_prompts",
-                    "generation_prompts",
-                )
-            )
+            rec.extras((self.used_keys | {"attribute_prompts"}) - {"case_id", "pararel_idx"})
         )
+        portability: dict[str, tuple[QAPair, ...]] = {}
+        gpt4_portability(rec, portability, meta)
+        replaced = subject_replace(rec, subject, prompt, target_new)
+        if replaced:
+            portability["subject_replace"] = replaced
         return EditRecord(
             prompt=prompt,
             target_new=target_new,
             ground_truth=(target_true,),
             subject=subject,
             rephrase_prompts=rec.text_list("paraphrase_prompts"),
-            locality={"neighborhood": neighborhood} if neighborhood else {},
+            locality=locality,
+            portability=portability,
             generation_prompts=rec.text_list("generation_prompts", required=False),
             source=source,
             index=rec.index,

@@ -7,7 +7,7 @@ from typing import Any
 
 from lit_edit.data.base import BaseReader, RecordReader
 from lit_edit.data.counterfact import CounterFactReader, RomeCounterFactReader
-from lit_edit.data.knowedit import KnowEditReader
+from lit_edit.data.knowedit import KnowEditReader, WikiBioReader
 from lit_edit.data.lte import ConversationReader
 from lit_edit.data.wise import WiseReader
 from lit_edit.data.zsre import ZsreReader
@@ -23,6 +23,7 @@ def record_readers() -> list[RecordReader]:
         CounterFactReader(),
         RomeCounterFactReader(),
         KnowEditReader(),
+        WikiBioReader(),
         WiseReader(),
     ]
 

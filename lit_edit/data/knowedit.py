@@ -31,6 +31,17 @@ class KnowEditReader(RecordReader):
 
     format_name = "knowedit"
     description = "KnowEdit (prompt, target_new, ground_truth, portability/locality groups)"
+    used_keys = frozenset(
+        (
+            "prompt",
+            "target_new",
+            "subject",
+            "rephrase_prompt",
+            "ground_truth",
+            "portability",
+            "locality",
+        )
+    )
 
     def matches(self, raw: Mapping[str, Any]) -> bool:
         """Detect ``prompt`` + ``target_new`` without the flat locality fields of other formats."""
@@ -50,30 +61,33 @@ class KnowEditReader(RecordReader):
         rec.check_subject(subject, "subject", prompt, "prompt")
         rephrase = rec.optional_text("rephrase_prompt")
         ground_truth = rec.answers("ground_truth", required_present=False)
-        consumed = (
-            "prompt",
-            "target_new",
-            "subject",
-            "rephrase_prompt",
-            "ground_truth",
-            "portability",
-            "locality",
-        )
         return EditRecord(
             prompt=prompt,
             target_new=target_new,
             ground_truth=ground_truth,
             subject=subject,
             rephrase_prompts=(rephrase,) if rephrase is not None else (),
-            locality=self._groups(rec, "locality"),
-            portability=self._groups(rec, "portability"),
+            locality=self.groups(rec, "locality"),
+            portability=self.groups(rec, "portability"),
             source=source,
             index=rec.index,
-            meta=rec.extras(consumed),
+            meta=rec.extras(self.used_keys),
         )
 
     @staticmethod
-    def _groups(rec: RawRecord, key: str) -> dict[str, tuple[QAPair, ...]]:
+    def groups(rec: RawRecord, key: str) -> dict[str, tuple[QAPair, ...]]:
+        """The KnowEdit groups of ``rec[key]`` (``{GROUP: [{prompt, ground_truth}]}``).
+
+        Args:
+            rec: The record.
+            key: ``"portability"`` or ``"locality"``.
+
+        Returns:
+            One tuple of pairs per non-empty group, under the file's group name.
+
+        Raises:
+            RecordError: naming the group or item when it has the wrong shape.
+        """
         groups: dict[str, tuple[QAPair, ...]] = {}
         for name, items in rec.optional_mapping(key).items():
             path = f"{key}.{name}"
@@ -98,3 +112,48 @@ class KnowEditReader(RecordReader):
             if pairs:
                 groups[name] = tuple(pairs)
         return groups
+
+
+class WikiBioReader(RecordReader):
+    """KnowEdit WikiBio: ``{concept, text, labels, locality?, portability?}``.
+
+    Mapping (EasyEdit ``KnowEditDataset``, which reads ``subject``/``prompt``/``target_new``
+    from ``concept``/``text``/``labels`` when the former are absent):
+
+    * ``text`` (a biography passage) → ``prompt``; ``labels`` (the sentence to produce next) →
+      ``target_new``; no ``ground_truth`` (WikiBio edits are hallucination corrections);
+    * ``concept`` → ``subject`` when it occurs in ``text``; otherwise ``subject`` is ``None``, the
+      concept is kept as ``meta["concept"]`` and a note says so;
+    * each ``locality`` group (``Relation_Specificity``, ``Forgetfulness``) and ``portability``
+      group → a group of the same name, read as in :class:`KnowEditReader`.
+    """
+
+    format_name = "wikibio"
+    description = "KnowEdit WikiBio (concept, text, labels, locality groups)"
+    used_keys = frozenset(("concept", "text", "labels", "locality", "portability"))
+
+    def matches(self, raw: Mapping[str, Any]) -> bool:
+        """Detect WikiBio's ``text`` + ``labels`` (and no ``prompt``)."""
+        return "text" in raw and "labels" in raw and "prompt" not in raw
+
+    def build(self, rec: RawRecord, source: str) -> EditRecord:
+        """Normalise one WikiBio record."""
+        prompt = rec.text("text")
+        target_new = rec.text("labels")
+        concept = rec.optional_text("concept")
+        meta = rec.extras(self.used_keys)
+        subject = concept
+        if concept is not None and concept not in prompt:
+            rec.note("concept", "does not occur in 'text'; kept as meta['concept'], no subject")
+            meta["concept"] = concept
+            subject = None
+        return EditRecord(
+            prompt=prompt,
+            target_new=target_new,
+            subject=subject,
+            locality=KnowEditReader.groups(rec, "locality"),
+            portability=KnowEditReader.groups(rec, "portability"),
+            source=source,
+            index=rec.index,
+            meta=meta,
+        )

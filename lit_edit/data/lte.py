@@ -59,6 +59,8 @@ class ConversationReader(BaseReader[ConversationPair]):
     format_name = "lte"
     description = "LTE alignment data, FastChat conversations (id, conversations[from, value])"
 
+    used_keys = frozenset(("id", "conversations"))
+
     def matches(self, raw: Mapping[str, Any]) -> bool:
         """Detect the ``conversations`` key."""
         return "conversations" in raw

@@ -35,6 +35,8 @@ class ReadResult(Generic[T]):
             pairs, so this can differ from ``len(records)``).
         skipped: One error per invalid record left out (only with ``skip_invalid=True``).
         notes: Empty optional values that were dropped from valid records.
+        unused_keys: Each top-level key of the valid records that the format does not use (it is
+            kept verbatim in ``EditRecord.meta``), with the number of records that have it.
     """
 
     path: str
@@ -43,6 +45,7 @@ class ReadResult(Generic[T]):
     num_read: int
     skipped: list[DataFileError] = field(default_factory=list)
     notes: list[ReadNote] = field(default_factory=list)
+    unused_keys: dict[str, int] = field(default_factory=dict)
 
     @property
     def skipped_indices(self) -> list[int]:
@@ -56,10 +59,13 @@ def _kind(value: Any) -> str:
 
 
 def load_raw(path: str | Path) -> list[Any]:
-    """Decode a ``.json`` file (a list of records) or a ``.jsonl`` file (one record a line).
+    """Decode a data file: a JSON list of records, or JSON Lines (one record a line).
 
-    Blank lines of a JSONL file are ignored; the index of a record is its position among the
-    non-blank lines.
+    The layout is detected from the content, whatever the extension (``.json`` or ``.jsonl``): a
+    file holding a single JSON document is that document (a list of records; a ``.jsonl`` file may
+    also hold a single object, its one record), a file holding several JSON values is read as JSON
+    Lines. Blank lines of a JSON Lines file are ignored; the index of a record is its position
+    among the non-blank lines.
 
     Args:
         path: The file.
@@ -69,7 +75,7 @@ def load_raw(path: str | Path) -> list[Any]:
 
     Raises:
         DataFileError: if the file is missing or unreadable, is not valid JSON (the message gives
-            the line and column), or a ``.json`` file's top level is not a list.
+            the line and column), or a single document's top level is not a list.
     """
     p = Path(path)
     if not p.is_file():
@@ -81,30 +87,38 @@ def load_raw(path: str | Path) -> list[Any]:
         text = p.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as e:
         raise DataFileError(str(path), f"cannot read the file as UTF-8 text: {e}") from e
-    if suffix == ".jsonl":
-        records: list[Any] = []
-        # split on "\n" only: JSON strings may legally hold U+2028 and friends
-        for lineno, line in enumerate(text.split("\n"), start=1):
-            if not line.strip():
-                continue
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise DataFileError(
-                    str(path), f"line {lineno}, column {e.colno}: not valid JSON ({e.msg})"
-                ) from e
-        return records
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
+        if suffix == ".jsonl" or e.msg == "Extra data":
+            return _json_lines(str(path), text, suffix)
         raise DataFileError(
             str(path), f"line {e.lineno}, column {e.colno}: not valid JSON ({e.msg})"
         ) from e
-    if not isinstance(data, list):
-        raise DataFileError(
-            str(path), f"expected a JSON list of records at the top level, got {_kind(data)}"
-        )
-    return data
+    if isinstance(data, list):
+        return data
+    if suffix == ".jsonl" and isinstance(data, Mapping):
+        return [data]
+    raise DataFileError(
+        str(path), f"expected a JSON list of records at the top level, got {_kind(data)}"
+    )
+
+
+def _json_lines(path: str, text: str, suffix: str) -> list[Any]:
+    """Decode ``text`` as JSON Lines (one JSON value per non-blank line)."""
+    hint = "" if suffix == ".jsonl" else " (read as JSON Lines: the file holds several values)"
+    records: list[Any] = []
+    # split on "\n" only: JSON strings may legally hold U+2028 and friends
+    for lineno, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise DataFileError(
+                path, f"line {lineno}, column {e.colno}: not valid JSON ({e.msg}){hint}"
+            ) from e
+    return records
 
 
 def read_file(
@@ -166,6 +180,8 @@ def read_file(
         result.records.extend(items)
         result.notes.extend(record_notes)
         result.num_read += 1
+        for key in reader.unused_keys(raw):
+            result.unused_keys[key] = result.unused_keys.get(key, 0) + 1
     _log(result)
     return result
 
@@ -189,6 +205,11 @@ def _where(error: DataFileError) -> str:
     return f"record {error.index}{field}: {error.message}"
 
 
+def _unused(counts: Mapping[str, int]) -> str:
+    """``"key (n records), ..."`` for the unused keys of a file."""
+    return ", ".join(f"{key!r} ({n} records)" for key, n in counts.items())
+
+
 def _log(result: ReadResult[Any]) -> None:
     logger = logging.getLogger(__name__)
     if result.skipped:
@@ -201,6 +222,13 @@ def _log(result: ReadResult[Any]) -> None:
             result.skipped_indices,
             reasons,
             more,
+        )
+    if result.unused_keys:
+        logger.info(
+            "%s: keys not used by the %s format (kept in EditRecord.meta): %s",
+            result.path,
+            result.format_name,
+            _unused(result.unused_keys),
         )
     if result.notes:
         logger.warning(

@@ -20,11 +20,24 @@ class WiseReader(RecordReader):
     Mapping: ``prompt`` (a passage), ``target_new`` (its next sentence) and ``subject`` as is;
     ``locality_prompt``/``locality_ground_truth`` → ``locality["neighborhood"]`` (dropped with a
     note when the answer is empty, as in 12 hallucination records); ``rephrase_prompt`` when
-    present → ``rephrase_prompts``; other fields → ``meta`` verbatim.
+    present → ``rephrase_prompts``; the temporal files' ``ood_rephrase`` (an out-of-distribution
+    rephrase, WISE's generalization prompt for them) → ``rephrase_prompts`` after
+    ``rephrase_prompt``, so it is scored as generalization; other fields → ``meta`` verbatim.
     """
 
     format_name = "wise"
-    description = "WISE flat format, e.g. hallucination (prompt, target_new, locality_*)"
+    description = "WISE flat format, e.g. hallucination, temporal (prompt, target_new, locality_*)"
+    used_keys = frozenset(
+        (
+            "prompt",
+            "target_new",
+            "subject",
+            "rephrase_prompt",
+            "ood_rephrase",
+            "locality_prompt",
+            "locality_ground_truth",
+        )
+    )
 
     def matches(self, raw: Mapping[str, Any]) -> bool:
         """Detect a flat record with a ``locality_prompt`` and no ``ground_truth``."""
@@ -37,23 +50,19 @@ class WiseReader(RecordReader):
         target_new = rec.text("target_new")
         subject = rec.text("subject")
         rec.check_subject(subject, "subject", prompt, "prompt")
-        rephrase = rec.optional_text("rephrase_prompt")
-        neighborhood = rec.pair("locality_prompt", "locality_ground_truth")
-        consumed = (
-            "prompt",
-            "target_new",
-            "subject",
-            "rephrase_prompt",
-            "locality_prompt",
-            "locality_ground_truth",
+        rephrases = tuple(
+            text
+            for text in (rec.optional_text("rephrase_prompt"), rec.optional_text("ood_rephrase"))
+            if text is not None
         )
+        neighborhood = rec.pair("locality_prompt", "locality_ground_truth")
         return EditRecord(
             prompt=prompt,
             target_new=target_new,
             subject=subject,
-            rephrase_prompts=(rephrase,) if rephrase is not None else (),
+            rephrase_prompts=rephrases,
             locality={"neighborhood": (neighborhood,)} if neighborhood is not None else {},
             source=source,
             index=rec.index,
-            meta=rec.extras(consumed),
+            meta=rec.extras(self.used_keys),
         )

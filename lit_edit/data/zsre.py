@@ -10,20 +10,77 @@ from lit_edit.data.fields import RawRecord
 from lit_edit.records import EditRecord, QAPair
 
 
-class ZsreReader(RecordReader):
-    """ZsRE, MEND format: ``{subject, src, rephrase, alt, answers, loc, loc_ans, pred?, cond?}``.
+def gpt4_portability(
+    rec: RawRecord, portability: dict[str, tuple[QAPair, ...]], meta: dict[str, Any]
+) -> None:
+    """Read EasyEdit's GPT-4 ``portability`` object, if present (One Hop portability).
 
-    Mapping (EasyEdit ``ZsreDataset``):
+    ``{Recalled Relation, New Question, New Answer}`` → ``portability["one_hop"]`` and
+    ``meta["recalled_relation"]``.
+
+    Args:
+        rec: The record holding the optional ``portability`` object.
+        portability: Receives the ``one_hop`` group.
+        meta: Receives ``recalled_relation``.
+
+    Raises:
+        RecordError: if ``portability`` is not an object or its fields have the wrong type.
+    """
+    if not rec.has("portability"):
+        return
+    port = rec.child("portability")
+    one_hop = port.pair("New Question", "New Answer")
+    if one_hop is not None:
+        portability["one_hop"] = (one_hop,)
+    recalled = port.optional_text("Recalled Relation")
+    if recalled is not None:
+        meta["recalled_relation"] = recalled
+
+
+def subject_replace(
+    rec: RawRecord, subject: str, prompt: str, target_new: str
+) -> tuple[QAPair, ...]:
+    """The subject-replace portability pair: the edit prompt asked with ``alternative_subject``.
+
+    Args:
+        rec: The record holding the optional ``alternative_subject``.
+        subject: The edited subject (it occurs in ``prompt``).
+        prompt: The edit prompt.
+        target_new: The new answer, also expected for the alternative subject.
+
+    Returns:
+        ``(QAPair(prompt with subject replaced, target_new),)``, or ``()`` when the field is
+        absent (or empty, with a note).
+
+    Raises:
+        RecordError: if ``alternative_subject`` is not a string.
+    """
+    alternative = rec.optional_text("alternative_subject")
+    if alternative is None:
+        return ()
+    return (QAPair(prompt.replace(subject, alternative), target_new),)
+
+
+class ZsreReader(RecordReader):
+    """ZsRE, MEND format: ``{subject, src, rephrase, alt, answers, loc?, loc_ans?, pred?, cond?}``.
+
+    Mapping (EasyEdit ``ZsreDataset`` and its portability data):
 
     * ``src`` → ``prompt``; ``alt`` → ``target_new``; ``answers`` → ``ground_truth``
       (normalised, first answer scored); ``subject`` → ``subject``;
     * ``rephrase`` → ``rephrase_prompts = (rephrase,)``;
     * ``loc``/``loc_ans`` → ``locality["nq"] = (QAPair(loc, loc_ans),)``, keeping the
-      ``"nq question: "`` prefix as EasyEdit does;
-    * ``portability`` (eval slice) → ``portability["one_hop"] = (QAPair(New Question,
+      ``"nq question: "`` prefix as EasyEdit does; a record without ``loc`` (the portability
+      variants) has an empty locality;
+    * ``portability`` (eval slice, One Hop) → ``portability["one_hop"] = (QAPair(New Question,
       New Answer),)``, its ``Recalled Relation`` → ``meta["recalled_relation"]``;
+    * ``alternative_subject`` (Subject Replace) → ``portability["subject_replace"] =
+      (QAPair(src with subject replaced by alternative_subject, alt),)``;
+    * ``inverse question`` (Inverse Relation) → ``portability["inverse_relation"] =
+      (QAPair(inverse question, subject),)``: the inverse question asks for the subject;
     * ``meta["loc_prompt"] = loc + " " + loc_ans`` (WISE's irrelevant training sentence);
-      other fields (``cond``, ``pred``, ...) are kept verbatim in ``meta``.
+      other fields (``cond``, ``pred``, ...) are kept verbatim in ``meta`` (and reported as
+      unused).
 
     An empty ``alt`` (two records of ``zsre_mend_train-1k.json``) makes the record invalid, as
     EasyEdit drops such records.
@@ -31,6 +88,20 @@ class ZsreReader(RecordReader):
 
     format_name = "zsre"
     description = "ZsRE, MEND format (src, alt, answers, rephrase, loc, loc_ans[, portability])"
+    used_keys = frozenset(
+        (
+            "src",
+            "alt",
+            "subject",
+            "rephrase",
+            "answers",
+            "loc",
+            "loc_ans",
+            "portability",
+            "alternative_subject",
+            "inverse question",
+        )
+    )
 
     def matches(self, raw: Mapping[str, Any]) -> bool:
         """Detect the MEND-format keys ``src`` and ``alt``."""
@@ -44,23 +115,21 @@ class ZsreReader(RecordReader):
         rec.check_subject(subject, "subject", prompt, "src")
         rephrase = rec.text("rephrase")
         ground_truth = rec.answers("answers")
-        meta = rec.extras(
-            ("src", "alt", "subject", "rephrase", "answers", "loc", "loc_ans", "portability")
-        )
+        meta = rec.extras(self.used_keys)
         locality: dict[str, tuple[QAPair, ...]] = {}
-        nq = rec.pair("loc", "loc_ans")
-        if nq is not None:
-            locality["nq"] = (nq,)
-            meta["loc_prompt"] = f"{nq.prompt} {nq.answer}"
+        if rec.has("loc") or rec.has("loc_ans"):
+            nq = rec.pair("loc", "loc_ans")
+            if nq is not None:
+                locality["nq"] = (nq,)
+                meta["loc_prompt"] = f"{nq.prompt} {nq.answer}"
         portability: dict[str, tuple[QAPair, ...]] = {}
-        if rec.has("portability"):
-            port = rec.child("portability")
-            one_hop = port.pair("New Question", "New Answer")
-            if one_hop is not None:
-                portability["one_hop"] = (one_hop,)
-            recalled = port.optional_text("Recalled Relation")
-            if recalled is not None:
-                meta["recalled_relation"] = recalled
+        gpt4_portability(rec, portability, meta)
+        replaced = subject_replace(rec, subject, prompt, target_new)
+        if replaced:
+            portability["subject_replace"] = replaced
+        inverse = rec.optional_text("inverse question")
+        if inverse is not None:
+            portability["inverse_relation"] = (QAPair(inverse, subject),)
         return EditRecord(
             prompt=prompt,
             target_new=target_new,

@@ -91,6 +91,8 @@ class MENDEditor(EditorModule):
             (the peer uses 40; ``None``: no limit).
     """
 
+    needs_training = True
+
     def __init__(
         self,
         backbone: Backbone | str = "tinyfacts",

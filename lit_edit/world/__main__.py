@@ -82,7 +82,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_fields(build.add_argument_group("model and training"), TinyLMConfig, skip=("arch",),
                 rename={"seed": "train_seed"})
     show = sub.add_parser("show", help="print a world's size and sample edit records")
-    show.add_argument("--records", type=int, default=2, help="edit records to print")
+    show.add_argument("--records", type=int, default=1, help="edit records to print")
     _add_fields(show.add_argument_group("world"), WorldConfig)
     return parser
 

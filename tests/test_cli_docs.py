@@ -1,0 +1,44 @@
+"""What the command lines print matches the README."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from lit_edit.cli import evaluate_main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_world_show_prints_one_record_as_the_readme_says(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from lit_edit.world.__main__ import main as world_main
+
+    assert world_main(["show"]) == 0
+    assert capsys.readouterr().out.count('"target_new"') == 1
+
+
+def test_evaluate_prints_the_tables_in_the_readme_order(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    evaluate_main(
+        [
+            "--config",
+            str(ROOT / "configs" / "ft" / "tinyfacts.yaml"),
+            "--trainer.logger",
+            "false",
+            "--trainer.enable_progress_bar",
+            "false",
+            "--evaluation.results_dir",
+            str(tmp_path / "results"),
+            "--data.init_args.n_test",
+            "2",
+        ]
+    )
+    out = capsys.readouterr().out
+    rich, knowedit = out.find("Test metric"), out.find("| Method | Edit Succ. | Generalization")
+    prepost, path = out.find("| Metric | Pre-edit | Post-edit |"), out.find("Results written to")
+    assert 0 <= rich < knowedit < prepost < path
+    assert out.count("| Method |") == 1

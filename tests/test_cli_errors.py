@@ -1,0 +1,186 @@
+"""train.py / evaluate.py: a user's mistake is one ``error: ...`` line, the traceback on request."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from lit_edit.backbone import BackboneNotFoundError, load_causal_lm
+from lit_edit.cli import CheckpointError, ConfigFileError, evaluate_main, train_main
+from lit_edit.records import DataFileError
+
+ROOT = Path(__file__).resolve().parents[1]
+FT = str(ROOT / "configs" / "ft" / "tinyfacts.yaml")
+
+
+def command_line(monkeypatch: pytest.MonkeyPatch, main, *args: str) -> str:
+    """Run ``main`` as the command line does (arguments from sys.argv); return the exit line."""
+    monkeypatch.setattr(sys, "argv", ["evaluate.py", *args])
+    monkeypatch.delenv("LIT_EDIT_TRACEBACK", raising=False)
+    with pytest.raises(SystemExit) as info:
+        main()
+    message = info.value.code
+    assert isinstance(message, str) and "\n" not in message
+    assert message.startswith("error: ") and message.endswith(
+        "(LIT_EDIT_TRACEBACK=1 for the traceback)"
+    )
+    return message
+
+
+def ft_config(tmp_path: Path, data: Path) -> Path:
+    config = {
+        "trainer": {"logger": False, "enable_progress_bar": False},
+        "model": {"class_path": "lit_edit.methods.FTEditor"},
+        "data": {
+            "class_path": "lit_edit.data.EditDataModule",
+            "init_args": {"test_path": str(data)},
+        },
+        "evaluation": {"results_dir": str(tmp_path / "results")},
+    }
+    path = tmp_path / "ft.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_empty_yaml(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("# nothing here\n\n")
+    message = command_line(monkeypatch, evaluate_main, "--config", str(empty))
+    assert f"{empty}: the config file is empty" in message
+    message = command_line(monkeypatch, train_main, "fit", "--config", str(empty))
+    assert f"{empty}: the config file is empty" in message
+    with pytest.raises(ConfigFileError):  # from Python: the exception itself
+        evaluate_main(["--config", str(empty)])
+
+
+def test_missing_yaml(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    message = command_line(monkeypatch, evaluate_main, "--config", str(tmp_path / "nope.yaml"))
+    assert "nope.yaml: no such config file" in message
+
+
+def test_empty_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    ckpt = tmp_path / "empty.ckpt"
+    ckpt.write_bytes(b"")
+    message = command_line(monkeypatch, evaluate_main, "--config", FT, "--ckpt_path", str(ckpt))
+    assert f"{ckpt}: not a lit_edit checkpoint (empty file)" in message
+
+
+def test_truncated_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    ckpt = tmp_path / "cut.ckpt"
+    torch.save({"state_dict": {"w": torch.zeros(1000)}, "hyper_parameters": {}}, ckpt)
+    ckpt.write_bytes(ckpt.read_bytes()[:1500])
+    message = command_line(monkeypatch, evaluate_main, "--config", FT, "--ckpt_path", str(ckpt))
+    assert f"{ckpt}: not a lit_edit checkpoint (truncated or not a torch checkpoint" in message
+    with pytest.raises(CheckpointError):
+        evaluate_main(["--config", FT, "--ckpt_path", str(ckpt)])
+
+
+def test_not_a_checkpoint_dict(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    ckpt = tmp_path / "tensor.ckpt"
+    torch.save(torch.zeros(3), ckpt)
+    message = command_line(monkeypatch, evaluate_main, "--config", FT, "--ckpt_path", str(ckpt))
+    assert f"{ckpt}: not a lit_edit checkpoint (no state_dict in it)" in message
+
+
+def test_data_error_inside_evaluate(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    raw = {
+        "subject": "Ann",
+        "src": "Where does Ann live?",
+        "rephrase": "Ann lives in",
+        "alt": "",
+        "answers": ["Oslo"],
+        "loc": "nq question: x",
+        "loc_ans": "y",
+    }
+    data = tmp_path / "bad.json"
+    data.write_text(json.dumps([raw]))
+    message = command_line(monkeypatch, evaluate_main, "--config", str(ft_config(tmp_path, data)))
+    assert f"error: {data}: record 0, field 'alt': is empty" in message
+
+
+def test_traceback_on_request(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    ckpt = tmp_path / "empty.ckpt"
+    ckpt.write_bytes(b"")
+    monkeypatch.setattr(sys, "argv", ["evaluate.py", "--config", FT, "--ckpt_path", str(ckpt)])
+    monkeypatch.setenv("LIT_EDIT_TRACEBACK", "1")
+    with pytest.raises(CheckpointError):
+        evaluate_main()
+
+
+def test_hub_name_while_offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(BackboneNotFoundError) as info:
+        load_causal_lm("lit-edit-tests/no-such-model")
+    text = str(info.value)
+    assert "backbone 'lit-edit-tests/no-such-model': not a local directory" in text
+    assert "HF_HUB_OFFLINE=1" in text and "give a local directory" in text
+
+
+def test_hub_name_while_offline_on_the_command_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    message = command_line(
+        monkeypatch,
+        evaluate_main,
+        "--config",
+        FT,
+        "--model.init_args.backbone",
+        "lit-edit-tests/no-such-model",
+    )
+    assert "backbone 'lit-edit-tests/no-such-model': not a local directory" in message
+
+
+def test_data_file_error_is_kept_for_python_callers(tmp_path: Path) -> None:
+    data = tmp_path / "bad.json"
+    data.write_text("[]")
+    with pytest.raises(DataFileError, match="contains no records"):
+        evaluate_main(["--config", str(ft_config(tmp_path, data))])
+
+
+def test_evaluate_without_arguments_gives_its_usage(monkeypatch: pytest.MonkeyPatch) -> None:
+    message = command_line(monkeypatch, evaluate_main)
+    assert "usage: python evaluate.py --config configs/<method>/<dataset>.yaml" in message
+    assert "{fit,validate,test,predict}" not in message
+
+
+def test_unknown_init_argument_in_a_config_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    overlay = tmp_path / "bad.yaml"
+    overlay.write_text(
+        yaml.safe_dump(
+            {"model": {"class_path": "lit_edit.methods.FTEditor", "init_args": {"lrr": 1}}}
+        )
+    )
+    message = command_line(monkeypatch, evaluate_main, "--config", FT, "--config", str(overlay))
+    assert (
+        "config key 'model.init_args.lrr' is not accepted by lit_edit.methods.FTEditor; "
+        "close matches: lr" in message
+    )
+
+
+@pytest.mark.parametrize(
+    ("option", "expected"),
+    [
+        (
+            "--trainer.max_stepz",
+            "unknown option '--trainer.max_stepz'; close matches: --trainer.max_steps",
+        ),
+        ("--threds", "unknown option '--threds'; close matches: --threads"),
+        ("--evaluation.protocl", "close matches: --evaluation.protocol"),
+    ],
+)
+def test_unknown_option_and_its_close_matches(
+    option: str, expected: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    message = command_line(monkeypatch, evaluate_main, "--config", FT, option, "1")
+    assert expected in message
+
+
+def test_train_without_model_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    message = command_line(monkeypatch, train_main, "fit")
+    assert "required" in message

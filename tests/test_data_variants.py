@@ -1,0 +1,277 @@
+"""Format variants: KnowEdit WikiBio, the portability variants, JSON Lines by content, no field
+left unused without a report."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from test_data_samples import (
+    DATA,
+    counterfact_raw,
+    needs_data,
+    rome_raw,
+    wise_raw,
+    write_json,
+    zsre_raw,
+)
+
+from lit_edit.data import WikiBioReader, read_records
+from lit_edit.data.check import main
+from lit_edit.records import DataFileError, QAPair
+
+
+def wikibio_raw() -> dict[str, object]:
+    return {
+        "text": "Ann Lee (born 1901) is a painter from Oslo.",
+        "labels": "She studied in Paris and exhibited in Rome.",
+        "concept": "Ann Lee",
+        "locality": {
+            "Relation_Specificity": [
+                {"prompt": "Ann Lee was born in", "ground_truth": ["Oslo", "Christiania"]}
+            ],
+            "Forgetfulness": {"prompt": "Ann Lee painted", "ground_truth": "landscapes"},
+        },
+    }
+
+
+# --- KnowEdit WikiBio -----------------------------------------------------------------------
+
+
+def test_wikibio_is_detected_and_read(tmp_path: Path) -> None:
+    result = read_records(write_json(tmp_path / "wikibio.json", [wikibio_raw()]))
+    assert result.format_name == "wikibio"
+    (record,) = result.records
+    assert record.prompt == "Ann Lee (born 1901) is a painter from Oslo."
+    assert record.target_new == "She studied in Paris and exhibited in Rome."
+    assert record.ground_truth == ()
+    assert record.subject == "Ann Lee"
+    assert record.rephrase_prompts == ()
+    assert record.locality == {
+        "Relation_Specificity": (QAPair("Ann Lee was born in", "Oslo", ("Christiania",)),),
+        "Forgetfulness": (QAPair("Ann Lee painted", "landscapes"),),
+    }
+    assert record.portability == {}
+    assert record.meta == {}
+    assert result.unused_keys == {} and result.notes == []
+
+
+def test_wikibio_concept_absent_from_text_is_noted_not_an_error(tmp_path: Path) -> None:
+    raw = {**wikibio_raw(), "concept": "Lee, Ann"}
+    result = read_records(write_json(tmp_path / "wikibio.json", [raw]))
+    (record,) = result.records
+    assert record.subject is None and record.meta == {"concept": "Lee, Ann"}
+    assert [(n.index, n.field) for n in result.notes] == [(0, "concept")]
+
+
+def test_wikibio_missing_labels_names_the_field(tmp_path: Path) -> None:
+    raw = wikibio_raw()
+    raw["labels"] = ""
+    with pytest.raises(DataFileError) as info:
+        read_records(write_json(tmp_path / "wikibio.json", [wikibio_raw(), raw]))
+    assert (info.value.index, info.value.field) == (1, "labels")
+
+
+def test_wikibio_reader_parse() -> None:
+    record = WikiBioReader().parse(wikibio_raw(), 4, "f.json")
+    assert (record.index, record.source) == (4, "f.json")
+
+
+# --- ZsRE / CounterFact portability variants ------------------------------------------------
+
+
+def test_zsre_subject_replace_without_loc(tmp_path: Path) -> None:
+    raw = zsre_raw(alternative_subject="City of Light")
+    del raw["loc"], raw["loc_ans"]
+    (record,) = read_records(write_json(tmp_path / "sr.json", [raw])).records
+    assert record.locality == {}
+    assert "loc_prompt" not in record.meta
+    assert record.portability == {
+        "subject_replace": (QAPair("Which country is City of Light in?", "Italy"),)
+    }
+    assert record.prompt == "Which country is Paris in?" and record.target_new == "Italy"
+
+
+def test_zsre_inverse_relation_asks_for_the_subject(tmp_path: Path) -> None:
+    raw = zsre_raw(**{"inverse question": "Which city is in Italy?"})
+    del raw["loc"], raw["loc_ans"]
+    (record,) = read_records(write_json(tmp_path / "inv.json", [raw])).records
+    assert record.portability == {"inverse_relation": (QAPair("Which city is in Italy?", "Paris"),)}
+    assert record.locality == {}
+
+
+def test_zsre_loc_without_loc_ans_is_still_an_error(tmp_path: Path) -> None:
+    raw = zsre_raw()
+    del raw["loc_ans"]
+    with pytest.raises(DataFileError) as info:
+        read_records(write_json(tmp_path / "z.json", [raw]))
+    assert (info.value.index, info.value.field) == (0, "loc_ans")
+
+
+def test_zsre_alternative_subject_of_wrong_type(tmp_path: Path) -> None:
+    with pytest.raises(DataFileError) as info:
+        read_records(write_json(tmp_path / "z.json", [zsre_raw(alternative_subject=3)]))
+    assert (info.value.index, info.value.field) == (0, "alternative_subject")
+
+
+def test_counterfact_flat_portability_and_subject_replace(tmp_path: Path) -> None:
+    raw = counterfact_raw(
+        alternative_subject="Annie",
+        portability={
+            "Recalled Relation": "(Ann, mother tongue, English)",
+            "New Question": "Which country's language is Ann's mother tongue?",
+            "New Answer": "England",
+        },
+    )
+    (record,) = read_records(write_json(tmp_path / "cf.json", [raw])).records
+    assert record.portability == {
+        "one_hop": (QAPair("Which country's language is Ann's mother tongue?", "England"),),
+        "subject_replace": (QAPair("The mother tongue of Annie is", "English"),),
+    }
+    assert record.meta == {"case_id": 7, "recalled_relation": "(Ann, mother tongue, English)"}
+
+
+def test_rome_portability_and_distracting_neighborhood(tmp_path: Path) -> None:
+    raw = rome_raw(
+        portability={"New Question": "Which continent is Camembert from?", "New Answer": "Asia"},
+        distracting_neighborhood_prompts=["Camembert originates from Japan. Brie originates from"],
+        alternative_subject="Camembert de Normandie",
+    )
+    result = read_records(write_json(tmp_path / "rome.json", [raw]))
+    (record,) = result.records
+    assert record.locality == {
+        "neighborhood": (
+            QAPair("Brie originates from", "France"),
+            QAPair("Roquefort originates from", "France"),
+        ),
+        "distracting": (QAPair("Camembert originates from Japan. Brie originates from", "France"),),
+    }
+    assert record.portability == {
+        "one_hop": (QAPair("Which continent is Camembert from?", "Asia"),),
+        "subject_replace": (QAPair("Camembert de Normandie originates from", "Japan"),),
+    }
+    assert "distracting_neighborhood_prompts" not in record.meta
+    assert result.unused_keys == {"attribute_prompts": 1}
+
+
+def test_rome_dneighborhood_spelling(tmp_path: Path) -> None:
+    raw = rome_raw(dneighborhood_prompts=["X. Brie originates from"])
+    (record,) = read_records(write_json(tmp_path / "rome.json", [raw])).records
+    assert record.locality["distracting"] == (QAPair("X. Brie originates from", "France"),)
+
+
+def test_rome_distracting_of_wrong_type(tmp_path: Path) -> None:
+    raw = rome_raw(distracting_neighborhood_prompts=[{"prompt": "a"}])
+    with pytest.raises(DataFileError) as info:
+        read_records(write_json(tmp_path / "rome.json", [raw]))
+    assert (info.value.index, info.value.field) == (0, "distracting_neighborhood_prompts[0]")
+
+
+def test_wise_temporal_ood_rephrase_is_a_generalization_prompt(tmp_path: Path) -> None:
+    raw = wise_raw(ood_rephrase="In a passage on ann lee, what comes next?")
+    result = read_records(write_json(tmp_path / "temporal.json", [raw]))
+    (record,) = result.records
+    assert result.format_name == "wise"
+    assert record.rephrase_prompts == ("In a passage on ann lee, what comes next?",)
+    assert record.meta == {} and result.unused_keys == {}
+
+
+def test_wise_rephrase_then_ood_rephrase(tmp_path: Path) -> None:
+    raw = wise_raw(rephrase_prompt="About ann lee:", ood_rephrase="Ann lee, next:")
+    (record,) = read_records(write_json(tmp_path / "w.json", [raw])).records
+    assert record.rephrase_prompts == ("About ann lee:", "Ann lee, next:")
+
+
+# --- JSON Lines by content ------------------------------------------------------------------
+
+
+def test_json_lines_named_json(tmp_path: Path) -> None:
+    path = tmp_path / "z.json"
+    path.write_text("\n".join(json.dumps(zsre_raw(alt=f"A{i}")) for i in range(3)) + "\n")
+    result = read_records(path)
+    assert [(r.index, r.target_new) for r in result.records] == [(0, "A0"), (1, "A1"), (2, "A2")]
+
+
+def test_json_lines_named_json_with_a_bad_line(tmp_path: Path) -> None:
+    path = tmp_path / "z.json"
+    path.write_text(json.dumps(zsre_raw()) + "\n{oops\n")
+    with pytest.raises(DataFileError, match="line 2, column 2: not valid JSON .*JSON Lines"):
+        read_records(path)
+
+
+def test_json_list_named_jsonl(tmp_path: Path) -> None:
+    path = tmp_path / "z.jsonl"
+    path.write_text(json.dumps([zsre_raw(alt="A0"), zsre_raw(alt="A1")], indent=2))
+    assert [r.target_new for r in read_records(path).records] == ["A0", "A1"]
+
+
+def test_single_object_json_is_still_refused(tmp_path: Path) -> None:
+    path = write_json(tmp_path / "z.json", zsre_raw())
+    with pytest.raises(DataFileError, match="expected a JSON list of records"):
+        read_records(path)
+
+
+# --- unused keys ----------------------------------------------------------------------------
+
+
+def test_unused_keys_are_counted_and_listed(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write_json(tmp_path / "z.json", [zsre_raw(), zsre_raw(extra=1)])
+    result = read_records(path)
+    assert result.unused_keys == {"pred": 2, "cond": 2, "extra": 1}
+    assert result.records[1].meta["extra"] == 1
+    assert main([str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "keys not used (kept verbatim in meta):" in out
+    assert "    pred (2 records)" in out and "    extra (1 records)" in out
+
+
+def test_no_unused_keys_no_listing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = write_json(tmp_path / "w.json", [wise_raw()])
+    assert main([str(path)]) == 0
+    assert "keys not used" not in capsys.readouterr().out
+
+
+@needs_data
+def test_shared_subject_replace_file_portability_and_unused_keys() -> None:
+    result = read_records(DATA / "counterfact/counterfact_subject_replace.json")
+    assert all(len(r.portability["subject_replace"]) == 1 for r in result.records)
+    assert result.unused_keys == {"attribute_prompts": 213}
+
+
+@needs_data
+def test_shared_zsre_eval_unused_keys() -> None:
+    result = read_records(DATA / "zsre/zsre_mend_eval_portability_gpt4.json")
+    assert result.unused_keys == {"pred": 1037, "cond": 1037}
+
+
+def test_rome_groups_reach_the_evaluation_breakdown(tmp_path: Path) -> None:
+    """A ROME file's portability and distracting prompts are scored: they are in summary.json."""
+    import yaml
+
+    from lit_edit.cli import evaluate_main
+
+    raw = rome_raw(
+        portability={"New Question": "Which continent is Camembert from?", "New Answer": "Asia"},
+        distracting_neighborhood_prompts=["Camembert originates from Japan. Brie originates from"],
+    )
+    data = write_json(tmp_path / "rome.json", [raw])
+    config = {
+        "trainer": {"logger": False, "enable_progress_bar": False},
+        "model": {"class_path": "lit_edit.methods.FTEditor"},
+        "data": {
+            "class_path": "lit_edit.data.EditDataModule",
+            "init_args": {"test_path": str(data)},
+        },
+        "evaluation": {"results_dir": str(tmp_path / "results")},
+    }
+    path = tmp_path / "ft.yaml"
+    path.write_text(yaml.safe_dump(config))
+    evaluate_main(["--config", str(path)])
+    summary = json.loads((tmp_path / "results" / "summary.json").read_text())
+    text = json.dumps(summary)
+    for key in ("locality/distracting", "locality/neighborhood", "portability/one_hop"):
+        assert key in text, key
+    assert summary["portability"] is not None
