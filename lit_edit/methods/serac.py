@@ -104,6 +104,8 @@ class SERACEditor(EditorModule):
             ``None``: no limit).
     """
 
+    needs_training = True
+
     def __init__(
         self,
         backbone: Backbone | str = "tinyfacts",
