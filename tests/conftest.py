@@ -16,3 +16,21 @@ def _single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging_handlers():
+    """Entry points called in-process (``main([...])``) may attach log handlers to the test's
+    captured stderr; a later test would then log into a closed stream. Put every logger's
+    handlers back as they were after each test."""
+    import logging
+
+    def snapshot():
+        known = logging.Logger.manager.loggerDict.values()
+        loggers = [logging.getLogger()] + [lg for lg in known if isinstance(lg, logging.Logger)]
+        return {lg: list(lg.handlers) for lg in loggers}
+
+    before = snapshot()
+    yield
+    for logger, handlers in snapshot().items():
+        logger.handlers[:] = before.get(logger, [])
