@@ -32,5 +32,5 @@ def _restore_logging_handlers():
 
     before = snapshot()
     yield
-    for logger, handlers in snapshot().items():
+    for logger in snapshot():
         logger.handlers[:] = before.get(logger, [])
