@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from test_data_samples import ft_config
 
 from lit_edit.backbone import BackboneNotFoundError, load_causal_lm
 from lit_edit.cli import CheckpointError, ConfigFileError, evaluate_main, train_main
@@ -30,21 +31,6 @@ def command_line(monkeypatch: pytest.MonkeyPatch, main, *args: str) -> str:
         "(LIT_EDIT_TRACEBACK=1 for the traceback)"
     )
     return message
-
-
-def ft_config(tmp_path: Path, data: Path) -> Path:
-    config = {
-        "trainer": {"logger": False, "enable_progress_bar": False},
-        "model": {"class_path": "lit_edit.methods.FTEditor"},
-        "data": {
-            "class_path": "lit_edit.data.EditDataModule",
-            "init_args": {"test_path": str(data)},
-        },
-        "evaluation": {"results_dir": str(tmp_path / "results")},
-    }
-    path = tmp_path / "ft.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
 
 
 def test_empty_yaml(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -125,3 +125,21 @@ def conversation_raw(**over: Any) -> dict[str, Any]:
 def write_json(path: Path, data: Any) -> Path:
     path.write_text(json.dumps(data), encoding="utf-8")
     return path
+
+
+def ft_config(tmp_path: Path, data: Path) -> Path:
+    """An FT evaluation config of the edit file `data`, results under `tmp_path`."""
+    import yaml
+
+    config = {
+        "trainer": {"logger": False, "enable_progress_bar": False},
+        "model": {"class_path": "lit_edit.methods.FTEditor"},
+        "data": {
+            "class_path": "lit_edit.data.EditDataModule",
+            "init_args": {"test_path": str(data)},
+        },
+        "evaluation": {"results_dir": str(tmp_path / "results")},
+    }
+    path = tmp_path / "ft.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path

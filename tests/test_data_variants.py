@@ -10,6 +10,7 @@ import pytest
 from test_data_samples import (
     DATA,
     counterfact_raw,
+    ft_config,
     needs_data,
     rome_raw,
     wise_raw,
@@ -249,7 +250,6 @@ def test_shared_zsre_eval_unused_keys() -> None:
 
 def test_rome_groups_reach_the_evaluation_breakdown(tmp_path: Path) -> None:
     """A ROME file's portability and distracting prompts are scored: they are in summary.json."""
-    import yaml
 
     from lit_edit.cli import evaluate_main
 
@@ -258,17 +258,7 @@ def test_rome_groups_reach_the_evaluation_breakdown(tmp_path: Path) -> None:
         distracting_neighborhood_prompts=["Camembert originates from Japan. Brie originates from"],
     )
     data = write_json(tmp_path / "rome.json", [raw])
-    config = {
-        "trainer": {"logger": False, "enable_progress_bar": False},
-        "model": {"class_path": "lit_edit.methods.FTEditor"},
-        "data": {
-            "class_path": "lit_edit.data.EditDataModule",
-            "init_args": {"test_path": str(data)},
-        },
-        "evaluation": {"results_dir": str(tmp_path / "results")},
-    }
-    path = tmp_path / "ft.yaml"
-    path.write_text(yaml.safe_dump(config))
+    path = ft_config(tmp_path, data)
     evaluate_main(["--config", str(path)])
     summary = json.loads((tmp_path / "results" / "summary.json").read_text())
     text = json.dumps(summary)
