@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from lit_edit.editor import Editor, ParallelEdits
@@ -16,6 +15,7 @@ from lit_edit.metrics.accuracy import record_agreement, record_exact_match, reco
 from lit_edit.metrics.counterfact import CounterFactRecordScores, contrast
 from lit_edit.metrics.fluency import ngram_entropy
 from lit_edit.protocols import EditingProtocol, SingleEdit
+from lit_edit.record_measure import RecordMeasure
 from lit_edit.records import EditRecord, QAPair
 from lit_edit.scoring import GeneratedAnswer, PairScore, Scorer
 
@@ -98,32 +98,6 @@ class Evaluation:
         out = {k: v for k, v in vars(self).items() if not k.startswith("_") and k != "protocol"}
         out["protocol"] = self.protocol.describe()
         return out
-
-
-@dataclass
-class RecordMeasure:
-    """Everything measured on one record under one editor state.
-
-    Attributes:
-        edit: Score of ``(prompt, target_new)``.
-        rephrase: Scores of the rephrase prompts with ``target_new``.
-        portability: Scores of the portability pairs, by group.
-        locality: Scores of the locality pairs, by group.
-        answers: Greedy answers (exact match) by kind: ``"reliability"``, ``"generalization"``,
-            ``"portability"`` (grouped), when exact match is on.
-        fluency_text: The fluency generation, when fluency is on.
-        counterfact: The CounterFact contrasts, when on and the record has a ground truth.
-        extra: Method-specific values (:meth:`Editor.record_values`), e.g. retrieval hits.
-    """
-
-    edit: PairScore
-    rephrase: list[PairScore]
-    portability: dict[str, list[PairScore]]
-    locality: dict[str, list[PairScore]]
-    answers: dict[str, Any] = field(default_factory=dict)
-    fluency_text: str | None = None
-    counterfact: CounterFactRecordScores | None = None
-    extra: dict[str, float | None] = field(default_factory=dict)
 
 
 class RecordEvaluator:

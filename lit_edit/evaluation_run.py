@@ -18,7 +18,7 @@ from lit_edit.conflicts import first_conflicts
 from lit_edit.editing import ParameterSnapshot
 from lit_edit.editor import Editor
 from lit_edit.environment import describe_environment
-from lit_edit.evaluation import Evaluation, RecordEvaluator, RecordMeasure
+from lit_edit.evaluation import Evaluation, RecordEvaluator
 from lit_edit.metrics import (
     CounterFactScores,
     ExactMatch,
@@ -28,6 +28,7 @@ from lit_edit.metrics import (
     TokenAccuracy,
 )
 from lit_edit.protocols import RecordResult
+from lit_edit.record_measure import RecordMeasure
 from lit_edit.records import EditRecord
 
 #: (metric, update from the pre- and post-edit measures of a list of records)

@@ -10,14 +10,32 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal, Protocol
 
 from lit_edit.editing import HandleStack
 from lit_edit.editor import Editor, apply_edit, apply_parallel_edits
+from lit_edit.record_measure import RecordMeasure
 from lit_edit.records import EditRecord
 
-if TYPE_CHECKING:
-    from lit_edit.evaluation import RecordEvaluator, RecordMeasure
+
+class Measurer(Protocol):
+    """What a protocol needs from the engine (:class:`lit_edit.evaluation.RecordEvaluator`).
+
+    The engine depends on the protocols (its settings name one); the protocols depend only on
+    this interface, so neither module imports the other's at runtime or for type checking.
+    """
+
+    def measure(
+        self, editor: Any, records: Sequence[EditRecord], parallel: bool = False
+    ) -> list[RecordMeasure]:
+        """Score every record under the editor's (or parallel view's) current state."""
+        ...
+
+    def values(
+        self, pre: RecordMeasure, post: RecordMeasure, is_pre: bool = False
+    ) -> dict[str, float | None]:
+        """Metric values of one record from its pre- and post-edit measures."""
+        ...
 
 
 @dataclass
@@ -79,7 +97,7 @@ class EditingProtocol(ABC):
         self,
         editor: Editor,
         records: Sequence[EditRecord],
-        evaluator: RecordEvaluator,
+        evaluator: Measurer,
         group: int,
         progress: Callable[[int], None] | None = None,
     ) -> list[RecordResult]:
@@ -113,7 +131,7 @@ class EditingProtocol(ABC):
     @staticmethod
     def _results(
         records: Sequence[EditRecord],
-        evaluator: RecordEvaluator,
+        evaluator: Measurer,
         pre: Sequence[RecordMeasure],
         post: Sequence[RecordMeasure],
         group: int,

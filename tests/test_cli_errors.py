@@ -12,7 +12,8 @@ import yaml
 from test_data_samples import ft_config
 
 from lit_edit.backbone import BackboneNotFoundError, load_causal_lm
-from lit_edit.cli import CheckpointError, ConfigFileError, evaluate_main, train_main
+from lit_edit.cli import evaluate_main, train_main
+from lit_edit.cli_errors import CheckpointError, ConfigFileError
 from lit_edit.records import DataFileError
 
 ROOT = Path(__file__).resolve().parents[1]

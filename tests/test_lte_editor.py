@@ -10,6 +10,7 @@ import torch
 from lit_edit.cli import LitEditCLI, evaluate_main, train_main
 from lit_edit.methods.lte import LTEEditor, default_lora_targets
 from lit_edit.nn.lora import LoraSettings
+from lit_edit.nn.scope import ScopeSettings
 from lit_edit.records import EditRecord, QAPair
 from lit_edit.tokenization import IGNORE_INDEX
 
@@ -290,3 +291,36 @@ def test_replay_from_a_conversations_file_and_a_clear_error_for_anything_else(tm
     assert set(module(str(path), max_replay=2).replay_samples()) < set(want)
     with pytest.raises(ValueError, match="replay='no-such-model' is neither a conversations file"):
         module("no-such-model").replay_samples()
+
+
+def test_the_editor_and_its_data_are_connected_explicitly_not_through_the_trainer(editor):
+    from lit_edit.data import TinyFactsDataModule
+    from lit_edit.data.lte_datamodule import LTEDataModule
+    from lit_edit.links import connect
+
+    def module():
+        edits = TinyFactsDataModule(world=BACKBONE, n_train=4, n_val=2, n_test=2)
+        return LTEDataModule(edits, encoder="hashing", unedited_answers="model")
+
+    alone = module()
+    with pytest.raises(ValueError, match=r"lit_edit.links.connect\(editor, data\)"):
+        alone.setup("fit")
+
+    class Answerer:
+        asked: list[str] = []
+
+        def unedited_answers(self, questions, max_new_tokens=16):
+            self.asked.extend(questions)
+            return ["Before"] * len(questions)
+
+    answerer, dm = Answerer(), module()
+    connect(answerer, dm)
+    dm.setup("fit")
+    twins = [s for s in dm.samples["train"] if s.prompt in answerer.asked]
+    assert answerer.asked and twins and all(s.answer == "Before" for s in twins)
+
+    scoped = LTEEditor(backbone=BACKBONE, retriever="hashing", scope=ScopeSettings())
+    with pytest.raises(ValueError, match="handed over by train.py"):
+        scoped.fit_scope()
+    connect(scoped, dm)
+    assert scoped._records_of("train") == dm.edit_records("train")

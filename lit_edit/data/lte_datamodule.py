@@ -14,6 +14,7 @@ from lit_edit.data.datamodule import EditDataModule
 from lit_edit.data.lte_parallel import ParallelDataBuilder, sample_stats
 from lit_edit.data.reading import read_conversations
 from lit_edit.data.tinyfacts import load_tinyfacts_world
+from lit_edit.links import Answerer
 from lit_edit.nn.retrieval import DEFAULT_ENCODER, Encoder, load_encoder
 from lit_edit.records import EditRecord, QAPair
 from lit_edit.sampling import LengthBucketSampler
@@ -133,17 +134,28 @@ class LTEDataModule(LightningDataModule):
         self.shuffle_seed = shuffle_seed
         self.samples: dict[str, list[QAPair]] = {}
         self._encoder: Encoder | None = None
+        self._answerer: Answerer | None = None
+
+    def answer_with(self, answerer: Answerer) -> None:
+        """Take the unedited model's answers for ``unedited_answers: model``.
+
+        :func:`lit_edit.links.connect` calls it (``train.py`` does, once both are built).
+
+        Args:
+            answerer: Questions to the model's greedy answers, in order.
+        """
+        self._answerer = answerer
 
     def builder(self, primary: bool = True) -> ParallelDataBuilder:
         """The parallel-data builder these settings describe (``primary``: for ``edits``)."""
         answerer = None
         if self.unedited_answers == "model" and primary:
-            module = self.trainer.lightning_module if self.trainer is not None else None
-            answerer = getattr(module, "unedited_answers", None)
+            answerer = self._answerer
             if answerer is None:
                 raise ValueError(
-                    "unedited_answers='model' needs an editor with an `unedited_answers` method "
-                    "(e.g. LTEEditor) attached through a Trainer"
+                    "unedited_answers='model' needs the unedited model's answers: train.py hands "
+                    "them over; from Python call lit_edit.links.connect(editor, data) (or "
+                    "data.answer_with(editor.unedited_answers)) before Trainer.fit"
                 )
         if self._encoder is None:
             self._encoder = load_encoder(self.encoder)

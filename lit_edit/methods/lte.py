@@ -12,6 +12,7 @@ from torch import nn
 
 from lit_edit.backbone import Backbone
 from lit_edit.data.collate import PairCollator
+from lit_edit.links import RecordsOf
 from lit_edit.methods.base import EditorModule
 from lit_edit.methods.lte_editing import RetrievalEditing
 from lit_edit.nn.lora import LoraSettings, default_lora_targets, with_lora
@@ -142,6 +143,7 @@ class LTEEditor(RetrievalEditing, EditorModule):
             scope.layer,
         )
         self._scope_trainer: ScopeTrainer | None = None
+        self._records_of: RecordsOf | None = None
         self._retriever: Retriever | None = None
 
     # ------------------------------------------------------------------ alignment
@@ -227,6 +229,13 @@ class LTEEditor(RetrievalEditing, EditorModule):
         if self.scope_head is not None and not self.scope_head.trained:
             self.fit_scope()
 
+    def train_on_records(self, records_of: RecordsOf) -> None:
+        """Take the data's edit records the scope head trains on (``records_of(split)``).
+
+        :func:`lit_edit.links.connect` calls it (``train.py`` does, once both are built).
+        """
+        self._records_of = records_of
+
     def fit_scope(self) -> None:
         """Train :attr:`scope_head` on the datamodule's training edit records.
 
@@ -235,7 +244,8 @@ class LTEEditor(RetrievalEditing, EditorModule):
         change the alignment). The final loss and validation accuracies are logged.
 
         Raises:
-            ValueError: without a datamodule offering training edit records.
+            ValueError: when no data module handed over its edit records (see
+                :meth:`train_on_records`).
         """
         assert self.scope_head is not None
         if self._scope_trainer is None:
@@ -249,12 +259,12 @@ class LTEEditor(RetrievalEditing, EditorModule):
                 steps=self.scope.steps,
                 threshold=self.scope.threshold,
             )
-            data = self.trainer.datamodule if self._trainer is not None else None
-            records_of = getattr(data, "edit_records", None)
+            records_of = self._records_of
             if records_of is None:
                 raise ValueError(
                     "scope=True trains the scope head on edit records: use an LTEDataModule "
-                    "whose `edits` has a train split"
+                    "whose `edits` has a train split, handed over by train.py or, from Python, "
+                    "by lit_edit.links.connect(editor, data) before Trainer.fit"
                 )
             self._scope_trainer.prepare(records_of("train"), records_of("val"))
         log.info(self._scope_trainer.fit())

@@ -1,0 +1,71 @@
+"""What an editor and its data module hand each other before training, explicitly.
+
+Some data needs the model (LTE's unedited twins of portability questions are the unedited
+model's own answers), and some training needs the data (LTE's scope head trains on the data's
+edit records). Instead of reaching each other through ``trainer.lightning_module`` and
+``trainer.datamodule``, each side declares what it offers or takes, and :func:`connect` hands it
+over: ``train.py`` calls it once both are built; from Python, call it before ``Trainer.fit``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol, runtime_checkable
+
+from lit_edit.records import EditRecord
+
+Answerer = Callable[[list[str]], list[str]]
+RecordsOf = Callable[[str], list[EditRecord]]
+
+
+@runtime_checkable
+class AnswersBareQuestions(Protocol):
+    """A model that answers bare questions (greedy, before training changes it)."""
+
+    def unedited_answers(self, questions: list[str], max_new_tokens: int = 16) -> list[str]:
+        """The model's answers to ``questions``, in order."""
+        ...
+
+
+@runtime_checkable
+class TakesAnswerer(Protocol):
+    """A data module that builds some samples from a model's answers."""
+
+    def answer_with(self, answerer: Answerer) -> None:
+        """Use ``answerer`` for the answers it needs from the model."""
+        ...
+
+
+@runtime_checkable
+class OffersEditRecords(Protocol):
+    """A data module with edit records per split (after its ``setup``)."""
+
+    def edit_records(self, split: str) -> list[EditRecord]:
+        """The edit records of ``split``."""
+        ...
+
+
+@runtime_checkable
+class TakesEditRecords(Protocol):
+    """A model that trains a part (e.g. a scope head) on the data's edit records."""
+
+    def train_on_records(self, records_of: RecordsOf) -> None:
+        """Use ``records_of(split)`` for the edit records it trains on."""
+        ...
+
+
+def connect(model: object, datamodule: object | None) -> None:
+    """Hand the model's answerer to the data module and the data's edit records to the model.
+
+    Only what one side takes and the other offers is handed over; anything else is left alone.
+
+    Args:
+        model: The editor (a LightningModule).
+        datamodule: Its data module, or ``None``.
+    """
+    if datamodule is None:
+        return
+    if isinstance(datamodule, TakesAnswerer) and isinstance(model, AnswersBareQuestions):
+        datamodule.answer_with(model.unedited_answers)
+    if isinstance(model, TakesEditRecords) and isinstance(datamodule, OffersEditRecords):
+        model.train_on_records(datamodule.edit_records)
