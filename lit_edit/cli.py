@@ -208,8 +208,8 @@ def _check_trained(config: Any) -> None:
         return
     if config.get("allow_untrained"):
         warnings.warn(
-            f"evaluating an untrained {name} (no --ckpt_path, --allow_untrained true): its "
-            "scores are those of the untrained network, not of the method",
+            f"evaluating {name} without a checkpoint (--allow_untrained true): what it learns "
+            "in train.py fit is scored as it is now (untrained, or trained elsewhere)",
             UserWarning,
             stacklevel=2,
         )

@@ -199,13 +199,16 @@ def test_fit_trains_the_scope_head_without_changing_the_alignment(tmp_path, capl
     with pytest.raises(ValueError, match="checkpoint has no trained scope head"):
         evaluate_main([*_tiny_args(tmp_path / "eval"), *common,
                        "--ckpt_path", str(tmp_path / "off" / "lte.ckpt")])
-    with pytest.raises(RuntimeError, match="scope head is not trained"):
+    with pytest.raises(SystemExit, match="LTEEditor must be trained before it is evaluated"):
         evaluate_main([*_tiny_args(tmp_path / "eval"), *common])
+    with pytest.raises(RuntimeError, match="scope head is not trained"):
+        evaluate_main([*_tiny_args(tmp_path / "eval"), *common, "--allow_untrained", "true"])
 
 
 def test_evaluate_sequential_logs_retrieval_hits(tmp_path):
     cli = evaluate_main([
         *_tiny_args(tmp_path),
+        "--allow_untrained", "true",
         "--model.init_args.scope", "null",
         "--config", str(CONFIGS / "eval_sequential_10.yaml"),
         "--evaluation.protocol.init_args.group_size", "4",

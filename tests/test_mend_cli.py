@@ -152,7 +152,7 @@ def test_evaluate_refuses_an_untrained_mend_in_one_line(
 
 def test_evaluate_untrained_mend_when_asked_warns(backbone: str, zsre: str, tmp_path: Path) -> None:
     config, _ = write_config(tmp_path, backbone, zsre)
-    with pytest.warns(UserWarning, match="evaluating an untrained MENDEditor"):
+    with pytest.warns(UserWarning, match="evaluating MENDEditor without a checkpoint"):
         result = evaluate_main(["--config", str(config), "--allow_untrained", "true"])
     assert isinstance(result.model, MENDEditor)
     assert json.loads((tmp_path / "results" / "summary.json").read_text())["n_records"] == 6

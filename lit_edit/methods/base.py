@@ -49,7 +49,8 @@ class EditorModule(L.LightningModule, metaclass=_EditorMeta):
     Attributes:
         max_edits_per_call: Most records one :meth:`edit` accepts (``None``: any number).
         needs_training: Whether the method edits through something it learns in ``fit`` (MEND's
-            network, SERAC's classifier and counterfactual model), so that evaluating it without
+            network, SERAC's classifier and counterfactual model, LTE's aligned model), so that
+            evaluating it without
             a checkpoint scores an untrained editor: ``evaluate.py`` then refuses to run without
             ``--ckpt_path`` unless given ``--allow_untrained true``.
         evaluation: The evaluation settings ``test`` uses (the CLI sets them from its

@@ -35,6 +35,9 @@ __all__ = ["LTEEditor", "default_lora_targets"]
 class LTEEditor(RetrievalEditing, EditorModule):
     """LTE: align the model to apply facts given in its prompt, then edit by retrieval.
 
+    ``needs_training``: evaluating needs the aligned checkpoint (``--ckpt_path``); a backbone
+    aligned elsewhere (e.g. a released LTE model) is evaluated with ``--allow_untrained true``.
+
     **Alignment** (``fit``): supervised fine-tuning on LTE parallel data
     (:class:`~lit_edit.data.lte_datamodule.LTEDataModule`): each human turn is wrapped by the
     tokenizer's chat template when it has one, followed by the answer and EOS; the loss is the
@@ -82,6 +85,8 @@ class LTEEditor(RetrievalEditing, EditorModule):
         use_chat_template: Wrap human turns with the tokenizer's chat template: ``None`` when it
             has one, ``True`` always (error without one), ``False`` never.
     """
+
+    needs_training = True
 
     def __init__(
         self,
