@@ -180,6 +180,7 @@ class RecordEvaluator:
         m = RecordMeasure(
             edit=scores[plan["edit"]],
             rephrase=[scores[i] for i in plan["rephrase"]],
+            rephrase_kinds=record.rephrase_kinds,
             portability={k: [scores[i] for i in v] for k, v in plan["portability"].items()},
             locality={k: [scores[i] for i in v] for k, v in plan["locality"].items()},
         )
@@ -245,7 +246,8 @@ class RecordEvaluator:
 
         Returns:
             ``reliability``, ``generalization``, ``portability``, ``locality``, their per-group
-            breakdowns (``portability/<key>``, ``locality/<key>``) and the optional metrics.
+            breakdowns (``generalization/<kind>`` when the record names its rephrase kinds,
+            ``portability/<key>``, ``locality/<key>``) and the optional metrics.
         """
         agg = self.settings.aggregation
         out: dict[str, float | None] = {
@@ -254,6 +256,11 @@ class RecordEvaluator:
             "portability": record_token_accuracy(post.portability, agg),
             "locality": None,
         }
+        kinds = post.rephrase_kinds
+        scored = list(zip(post.rephrase, kinds, strict=True)) if kinds else []
+        for kind in dict.fromkeys(kinds):
+            group = [score for score, k in scored if k == kind]
+            out[f"generalization/{kind}"] = record_token_accuracy(group, agg)
         for key, group in post.portability.items():
             out[f"portability/{key}"] = record_token_accuracy(group, agg)
         if not is_pre:

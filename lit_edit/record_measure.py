@@ -20,6 +20,7 @@ class RecordMeasure:
     Attributes:
         edit: Score of ``(prompt, target_new)``.
         rephrase: Scores of the rephrase prompts with ``target_new``.
+        rephrase_kinds: The record's kind of each rephrase (``EditRecord.rephrase_kinds``).
         portability: Scores of the portability pairs, by group.
         locality: Scores of the locality pairs, by group.
         answers: Greedy answers (exact match) by kind: ``"reliability"``, ``"generalization"``,
@@ -37,3 +38,4 @@ class RecordMeasure:
     fluency_text: str | None = None
     counterfact: CounterFactRecordScores | None = None
     extra: dict[str, float | None] = field(default_factory=dict)
+    rephrase_kinds: tuple[str, ...] = ()

@@ -90,6 +90,9 @@ class EditRecord:
             Empty when the source does not give it.
         subject: The edited subject; when given it must occur in ``prompt``.
         rephrase_prompts: Paraphrases of ``prompt`` (scored with ``target_new``: generalization).
+        rephrase_kinds: The kind of each rephrase prompt (e.g. ``("rephrase", "ood")`` for WISE
+            temporal's in-distribution and out-of-distribution rephrases): each kind becomes a
+            ``generalization/<kind>`` group of the breakdown. Empty: one unnamed group.
         locality: Named groups of unrelated (prompt, answer) pairs whose predictions must not
             change (e.g. ``{"neighborhood": (...)}``).
         portability: Named groups of (prompt, answer) pairs whose answers follow from the edit
@@ -105,6 +108,7 @@ class EditRecord:
     ground_truth: tuple[str, ...] = ()
     subject: str | None = None
     rephrase_prompts: tuple[str, ...] = ()
+    rephrase_kinds: tuple[str, ...] = ()
     locality: Mapping[str, tuple[QAPair, ...]] = field(default_factory=dict)
     portability: Mapping[str, tuple[QAPair, ...]] = field(default_factory=dict)
     generation_prompts: tuple[str, ...] = ()
@@ -133,6 +137,14 @@ class EditRecord:
                 )
         for i, text in enumerate(self.rephrase_prompts):
             _check_text(text, f"rephrase_prompts[{i}]")
+        if self.rephrase_kinds and len(self.rephrase_kinds) != len(self.rephrase_prompts):
+            raise RecordError(
+                "rephrase_kinds",
+                f"{len(self.rephrase_kinds)} kinds for {len(self.rephrase_prompts)} rephrase "
+                "prompts (one kind per prompt, or none)",
+            )
+        for i, kind in enumerate(self.rephrase_kinds):
+            _check_text(kind, f"rephrase_kinds[{i}]")
         for i, text in enumerate(self.generation_prompts):
             _check_text(text, f"generation_prompts[{i}]")
         for group_name, groups in (("locality", self.locality), ("portability", self.portability)):
@@ -166,6 +178,7 @@ class EditRecord:
             "ground_truth": list(self.ground_truth),
             "subject": self.subject,
             "rephrase_prompts": list(self.rephrase_prompts),
+            "rephrase_kinds": list(self.rephrase_kinds),
             "locality": {k: [p.to_dict() for p in v] for k, v in self.locality.items()},
             "portability": {k: [p.to_dict() for p in v] for k, v in self.portability.items()},
             "generation_prompts": list(self.generation_prompts),
@@ -188,6 +201,7 @@ class EditRecord:
             ground_truth=tuple(data.get("ground_truth", ())),
             subject=data.get("subject"),
             rephrase_prompts=tuple(data.get("rephrase_prompts", ())),
+            rephrase_kinds=tuple(data.get("rephrase_kinds", ())),
             locality=groups(data.get("locality", {})),
             portability=groups(data.get("portability", {})),
             generation_prompts=tuple(data.get("generation_prompts", ())),

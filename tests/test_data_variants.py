@@ -20,7 +20,7 @@ from test_data_samples import (
 
 from lit_edit.data import WikiBioReader, read_records
 from lit_edit.data.check import main
-from lit_edit.records import DataFileError, QAPair
+from lit_edit.records import DataFileError, EditRecord, QAPair, RecordError
 
 
 def wikibio_raw() -> dict[str, object]:
@@ -175,6 +175,7 @@ def test_wise_temporal_ood_rephrase_is_a_generalization_prompt(tmp_path: Path) -
     (record,) = result.records
     assert result.format_name == "wise"
     assert record.rephrase_prompts == ("In a passage on ann lee, what comes next?",)
+    assert record.rephrase_kinds == ("ood",)
     assert record.meta == {} and result.unused_keys == {}
 
 
@@ -182,6 +183,34 @@ def test_wise_rephrase_then_ood_rephrase(tmp_path: Path) -> None:
     raw = wise_raw(rephrase_prompt="About ann lee:", ood_rephrase="Ann lee, next:")
     (record,) = read_records(write_json(tmp_path / "w.json", [raw])).records
     assert record.rephrase_prompts == ("About ann lee:", "Ann lee, next:")
+    assert record.rephrase_kinds == ("rephrase", "ood")
+    assert EditRecord.from_dict(record.to_dict()) == record
+    plain = wise_raw(rephrase_prompt="About ann lee:")
+    (record,) = read_records(write_json(tmp_path / "p.json", [plain])).records
+    assert record.rephrase_kinds == ()  # no ood rephrase: one unnamed group, as before
+
+
+def test_rephrase_kinds_are_generalization_groups_of_the_breakdown() -> None:
+    import torch
+
+    from lit_edit.evaluation import Evaluation, RecordEvaluator
+    from lit_edit.record_measure import RecordMeasure
+    from lit_edit.scoring import PairScore
+
+    def score(right: int, of: int) -> PairScore:
+        answer = torch.arange(of)
+        pred = torch.where(torch.arange(of) < right, answer, answer + 100)
+        return PairScore(answer, pred, torch.zeros(of))
+
+    # in-distribution rephrase 1 of 2 tokens right, the two ood rephrases 0/1 and 3/3
+    rephrase = [score(1, 2), score(0, 1), score(3, 3)]
+    m = RecordMeasure(score(1, 1), rephrase, {}, {}, rephrase_kinds=("rephrase", "ood", "ood"))
+    values = RecordEvaluator(Evaluation()).values(m, m, is_pre=True)
+    assert values["generalization/rephrase"] == 0.5
+    assert values["generalization/ood"] == 0.5  # (0 + 1) / 2, pairs averaged within a group
+    assert abs(values["generalization"] - (0.5 + 0 + 1) / 3) < 1e-12
+    with pytest.raises(RecordError, match="2 kinds for 1 rephrase prompts"):
+        EditRecord("p", "t", rephrase_prompts=("a",), rephrase_kinds=("x", "y"))
 
 
 # --- JSON Lines by content ------------------------------------------------------------------

@@ -22,7 +22,9 @@ class WiseReader(RecordReader):
     note when the answer is empty, as in 12 hallucination records); ``rephrase_prompt`` when
     present → ``rephrase_prompts``; the temporal files' ``ood_rephrase`` (an out-of-distribution
     rephrase, WISE's generalization prompt for them) → ``rephrase_prompts`` after
-    ``rephrase_prompt``, so it is scored as generalization; other fields → ``meta`` verbatim.
+    ``rephrase_prompt``, so it is scored as generalization, with ``rephrase_kinds``
+    ``("rephrase", "ood")``: the breakdown shows ``generalization/ood`` (and
+    ``generalization/rephrase``) on its own; other fields → ``meta`` verbatim.
     """
 
     format_name = "wise"
@@ -50,17 +52,19 @@ class WiseReader(RecordReader):
         target_new = rec.text("target_new")
         subject = rec.text("subject")
         rec.check_subject(subject, "subject", prompt, "prompt")
-        rephrases = tuple(
-            text
-            for text in (rec.optional_text("rephrase_prompt"), rec.optional_text("ood_rephrase"))
-            if text is not None
+        given = (
+            ("rephrase", rec.optional_text("rephrase_prompt")),
+            ("ood", rec.optional_text("ood_rephrase")),
         )
+        kinds = tuple(kind for kind, text in given if text is not None)
+        rephrases = tuple(text for _, text in given if text is not None)
         neighborhood = rec.pair("locality_prompt", "locality_ground_truth")
         return EditRecord(
             prompt=prompt,
             target_new=target_new,
             subject=subject,
             rephrase_prompts=rephrases,
+            rephrase_kinds=kinds if "ood" in kinds else (),
             locality={"neighborhood": (neighborhood,)} if neighborhood is not None else {},
             source=source,
             index=rec.index,
