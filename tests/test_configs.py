@@ -68,3 +68,14 @@ def test_config_instantiates(path: str, monkeypatch: pytest.MonkeyPatch, tmp_pat
     args += ["--trainer.logger", "false", "--trainer.default_root_dir", str(tmp_path)]
     cli = LitEditCLI(args=args, run=False)
     assert cli.model is not None and cli.datamodule is not None and cli.trainer is not None
+
+
+def test_every_command_runs_with_a_fixed_thread_count() -> None:
+    """The thread count changes floating-point results: each config's command fixes it."""
+    import yaml
+
+    for path in CONFIGS:
+        threads = None
+        for config in config_files(header_command(path)):
+            threads = (yaml.safe_load((REPO / config).read_text()) or {}).get("threads", threads)
+        assert isinstance(threads, int) and threads >= 1, f"{path}: threads={threads!r}"
