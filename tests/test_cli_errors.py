@@ -171,3 +171,45 @@ def test_unknown_option_and_its_close_matches(
 def test_train_without_model_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
     message = command_line(monkeypatch, train_main, "fit")
     assert "required" in message
+
+
+MEND = str(ROOT / "configs" / "mend" / "tinyfacts.yaml")
+
+
+def test_train_data_error_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    good = {
+        "subject": "Ann", "src": "Where does Ann live?", "rephrase": "Where is Ann's home?",
+        "alt": "Rome", "answers": ["Oslo"], "loc": "nq question: x", "loc_ans": "y",
+    }
+    data = tmp_path / "train.json"
+    data.write_text(json.dumps([good, {**good, "alt": ""}]))
+    overlay = tmp_path / "data.yaml"
+    overlay.write_text(yaml.safe_dump({
+        "trainer": {
+            "max_steps": 2, "logger": False, "enable_progress_bar": False, "callbacks": [],
+        },
+        "data": {
+            "class_path": "lit_edit.data.EditDataModule",
+            "init_args": {"train_path": str(data), "val_path": str(data), "format": "zsre"},
+        },
+    }))
+    message = command_line(
+        monkeypatch, train_main, "fit", "--config", MEND, "--config", str(overlay)
+    )
+    assert f"error: {data}: record 1, field 'alt': is empty" in message
+
+
+def test_train_unknown_key_and_bad_checkpoint_are_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    message = command_line(
+        monkeypatch, train_main, "fit", "--config", MEND, "--model.init_args.c_edt", "1"
+    )
+    assert "'model.init_args.c_edt' is not accepted by lit_edit.methods.MENDEditor" in message
+    assert "close matches: c_edit" in message
+    ckpt = tmp_path / "cut.ckpt"
+    ckpt.write_bytes(b"PK\x03\x04 not a whole zip")
+    message = command_line(
+        monkeypatch, train_main, "fit", "--config", MEND, "--ckpt_path", str(ckpt)
+    )
+    assert f"{ckpt}: not a lit_edit checkpoint (truncated or not a torch checkpoint" in message
