@@ -22,13 +22,15 @@ from lightning.pytorch.callbacks import Callback
 from lit_edit.editing import ParameterSnapshot
 from lit_edit.evaluation import Evaluation
 from lit_edit.evaluation_run import EvaluationRun
+from lit_edit.protocols import EditingProtocol
 from lit_edit.report import markdown_table, plot_sequential
+from lit_edit.sharding import ShardSampler
 
 log = logging.getLogger(__name__)
 
 
 def _gather(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """All ranks' rows on every rank (identity without a process group)."""
+    """All ranks' rows on every rank, in rank order (identity without a process group)."""
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return rows
     gathered: list[list[dict[str, Any]] | None] = [None] * torch.distributed.get_world_size()
@@ -36,13 +38,68 @@ def _gather(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [row for part in gathered if part for row in part]
 
 
+def _loaders(loaders: Any) -> list[Any]:
+    """The test dataloaders as a list."""
+    if loaders is None:
+        return []
+    return list(loaders) if isinstance(loaders, (list, tuple)) else [loaders]
+
+
+def shard_start(loaders: Any, protocol: EditingProtocol, world_size: int) -> int:
+    """Where this process's test records start among all records; checks the sharding first.
+
+    In one process, ``0``. With more, the test records must come from one dataloader sharded
+    by a :class:`~lit_edit.sharding.ShardSampler` over as many processes, in runs of (a
+    multiple of) the protocol's :attr:`~lit_edit.protocols.EditingProtocol.shard_unit`: then
+    every record is evaluated exactly once, in the groups one process would form.
+
+    Args:
+        loaders: The trainer's test dataloaders.
+        protocol: The editing protocol.
+        world_size: Number of processes.
+
+    Raises:
+        ValueError: with one line saying what is wrong and what to do, when the records would
+            be duplicated (Lightning's padding ``DistributedSampler``), dropped or regrouped.
+    """
+    if world_size == 1:
+        return 0
+    found = _loaders(loaders)
+    if len(found) != 1:
+        raise ValueError(
+            f"an evaluation on {world_size} devices needs exactly one test dataloader, got "
+            f"{len(found)}: merge them, or use --trainer.devices 1"
+        )
+    sampler = getattr(found[0], "sampler", None)
+    if not isinstance(sampler, ShardSampler):
+        raise ValueError(
+            f"the test records are not sharded by lit_edit.sharding.ShardSampler (the loader's "
+            f"sampler is a {type(sampler).__name__}): on {world_size} devices Lightning's "
+            "DistributedSampler would pad them and score some twice; give the test DataLoader "
+            "sampler=ShardSampler(len(records), unit), or use --trainer.devices 1"
+        )
+    unit = protocol.shard_unit
+    name = protocol.describe().get("protocol", type(protocol).__name__)
+    if sampler.unit % unit:
+        raise ValueError(
+            f"the test records are sharded in runs of {sampler.unit} but the {name} protocol "
+            f"keeps {unit} consecutive records together: call lit_edit.links.connect(editor, "
+            "datamodule) after setting editor.evaluation, or use --trainer.devices 1"
+        )
+    if sampler.num_replicas != world_size:
+        raise ValueError(
+            f"the test records are sharded over {sampler.num_replicas} processes, the trainer "
+            f"runs {world_size}"
+        )
+    return sampler.bounds()[0]
+
+
 def _records_per_rank(loaders: Any) -> int | None:
     """Records this process will see in the test loaders (``None`` when unknown)."""
     if loaders is None:
         return None
-    loaders = list(loaders) if isinstance(loaders, (list, tuple)) else [loaders]
     try:
-        return sum(len(dl.sampler) for dl in loaders)  # a DistributedSampler counts one rank
+        return sum(len(dl.sampler) for dl in _loaders(loaders))  # a shard sampler: one rank
     except (TypeError, AttributeError):
         return None
 
@@ -69,6 +126,7 @@ class EvaluationLoop(Callback):
         self.run: EvaluationRun | None = None
         self.report: str | None = None
         self._bar: Any = None
+        self._rows: list[dict[str, Any]] | None = None  # every rank's rows, once gathered
 
     @staticmethod
     def settings(pl_module: L.LightningModule) -> Evaluation:
@@ -80,6 +138,7 @@ class EvaluationLoop(Callback):
         """Open a run: fresh metrics, results and (optionally) a weight snapshot."""
         settings = self.settings(pl_module)
         settings.protocol.check(pl_module)
+        start = shard_start(trainer.test_dataloaders, settings.protocol, trainer.world_size)
         snapshot = ParameterSnapshot(pl_module) if settings.verify_restore else None
         self._bar = None
         if trainer.progress_bar_callback is not None and trainer.is_global_zero:
@@ -89,8 +148,9 @@ class EvaluationLoop(Callback):
             self._bar = tqdm(total=total, desc="edits", unit="edit", dynamic_ncols=True)
         progress = self._bar.update if self._bar is not None else None
         self.run = EvaluationRun(
-            settings, snapshot=snapshot, device=pl_module.device, progress=progress
+            settings, snapshot=snapshot, device=pl_module.device, progress=progress, start=start
         )
+        self._rows = None
 
     def on_test_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
@@ -105,13 +165,16 @@ class EvaluationLoop(Callback):
         """Run the last incomplete group and log the aggregated metrics (``test/<metric>``).
 
         Method-specific per-record values (the editor's ``record_values``, e.g. LTE's retrieval
-        hit rates) are logged as their means, ``test/<key>`` with ``/`` replaced by ``_``.
+        hit rates) are logged as their means, ``test/<key>`` with ``/`` replaced by ``_``. In a
+        multi-process run every process gathers all processes' rows here (a collective every
+        process reaches), and the logged values are those of all records.
         """
         assert self.run is not None
         for means in self.run.flush(pl_module):
             self._log_group(trainer, means)
+        self._rows = _gather(self.run.rows())
         values = {f"test/{k}": v for k, v in self.run.computed().items() if v is not None}
-        for key, value in self.run.extra_means().items():
+        for key, value in self.run.extra_means(self._rows).items():
             values["test/" + key.replace("/", "_")] = value
         pl_module.log_dict(values, sync_dist=False, batch_size=1)
         if self._bar is not None:
@@ -119,15 +182,20 @@ class EvaluationLoop(Callback):
             self._bar = None
 
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Gather every rank's records and write the results folder from rank 0."""
+        """Write the results folder of every rank's records, from rank 0.
+
+        Every rank computes the summary and resolves the folder (both may be collectives: the
+        metrics' sync, ``trainer.log_dir``); only rank 0 writes.
+        """
         if self.run is None:
             return
-        rows = _gather(self.run.rows())
+        rows = self._rows if self._rows is not None else _gather(self.run.rows())
+        self._rows = None
         summary = self.run.summary(pl_module, rows)
+        folder = self.results_dir(trainer, pl_module)
         if trainer.global_rank != 0:
             return
-        rows.sort(key=lambda r: (r["group"], r["position"], r["index"]))
-        folder = self.results_dir(trainer, pl_module)
+        rows = sorted(rows, key=lambda r: (r["group"], r["position"], r["index"]))
         folder.mkdir(parents=True, exist_ok=True)
         with open(folder / "records.jsonl", "w", encoding="utf-8") as f:
             for row in rows:

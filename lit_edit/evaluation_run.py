@@ -30,6 +30,7 @@ from lit_edit.metrics import (
 from lit_edit.protocols import RecordResult
 from lit_edit.record_measure import RecordMeasure
 from lit_edit.records import EditRecord
+from lit_edit.sharding import world_and_rank
 
 #: (metric, update from the pre- and post-edit measures of a list of records)
 _Entry = tuple[Metric, Callable[[list[RecordMeasure], list[RecordMeasure]], None]]
@@ -51,6 +52,11 @@ class EvaluationRun:
         snapshot: A copy of the editor's tensors to verify each restore against (optional).
         device: Device of the metric states (the editor's device, for cross-process sync).
         progress: Called with the number of edits applied, after each edit (a progress bar).
+        start: Position, among all the evaluation's records, of the first record this run
+            receives (``0`` in one process; a process's shard start when records are sharded
+            across processes, :mod:`lit_edit.sharding`). Groups are cut at multiples of the
+            protocol's group size counted from the first record of the evaluation, and numbered
+            that way, so that every process forms and numbers the groups one process would.
     """
 
     def __init__(
@@ -59,7 +65,10 @@ class EvaluationRun:
         snapshot: ParameterSnapshot | None = None,
         device: torch.device | str = "cpu",
         progress: Callable[[int], None] | None = None,
+        start: int = 0,
     ) -> None:
+        if start < 0:
+            raise ValueError(f"start must be >= 0, got {start}")
         self.settings = settings
         self._progress = progress
         self.protocol = settings.protocol
@@ -69,7 +78,7 @@ class EvaluationRun:
         self.n_edited = 0
         self._pending: list[EditRecord] = []
         self._extra_keys: dict[str, None] = {}  # the editor's record_values keys, in order
-        self._group = 0
+        self._position = start  # position of the first pending record among all records
         self._entries = self._make_metrics()
         for metric, _ in self._entries.values():
             metric.to(device)
@@ -143,8 +152,11 @@ class EvaluationRun:
         self._pending.extend(records)
         means = []
         size = self.protocol.group_size
-        while len(self._pending) >= size:
-            group, self._pending = self._pending[:size], self._pending[size:]
+        while self._pending:
+            need = size - self._position % size  # records up to the next group boundary
+            if len(self._pending) < need:
+                break
+            group, self._pending = self._pending[:need], self._pending[need:]
             means.append(self._run_group(editor, group))
         return means
 
@@ -157,18 +169,19 @@ class EvaluationRun:
 
     def _run_group(self, editor: Editor, records: list[EditRecord]) -> dict[str, float]:
         """Run the protocol on one group, verify the restore, update metrics and results."""
+        index = self._position // self.protocol.group_size
         with torch.inference_mode(False):
             results = self.protocol.run(
-                editor, records, self.evaluator, self._group, progress=self._progress
+                editor, records, self.evaluator, index, progress=self._progress
             )
         if self.snapshot is not None:
             changed = self.snapshot.differences(editor)
             if changed:
                 raise RuntimeError(
-                    f"{type(editor).__name__}: restoring group {self._group} did not bring back "
+                    f"{type(editor).__name__}: restoring group {index} did not bring back "
                     f"{len(changed)} tensor(s) bit-exactly, e.g. {changed[:5]}"
                 )
-        self._group += 1
+        self._position += len(records)
         self.n_edited += len(records)
         if self.settings.locality_conflicts == "exclude":
             self._exclude_conflicts(records, results)
@@ -231,11 +244,16 @@ class EvaluationRun:
                 del r.post[key]
             r.post.update(self.evaluator.locality_values(r.pre_measure, r.post_measure))
 
-    def extra_means(self) -> dict[str, float]:
-        """This process's mean of every method-specific value (``Editor.record_values``)."""
+    def extra_means(self, rows: Sequence[dict[str, Any]] | None = None) -> dict[str, float]:
+        """The mean of every method-specific value (``Editor.record_values``).
+
+        Args:
+            rows: Every process's rows (default: this process's results).
+        """
+        posts = [r.post for r in self.results] if rows is None else [r["post"] for r in rows]
         out = {}
         for key in self._extra_keys:
-            values = [r.post[key] for r in self.results if r.post.get(key) is not None]
+            values = [post[key] for post in posts if post.get(key) is not None]
             if values:
                 out[key] = sum(values) / len(values)
         return out
@@ -292,7 +310,8 @@ class EvaluationRun:
             "protocol": self.protocol.describe(),
             "settings": self.settings.describe(),
             "method": f"{type(editor).__module__}.{type(editor).__qualname__}",
-            "environment": describe_environment(),
+            # the process count changes the metrics' float reduction order (sums per process)
+            "environment": {**describe_environment(), "processes": world_and_rank()[0]},
             "hyper_parameters": {
                 k: _jsonable(v) for k, v in dict(getattr(editor, "hparams", {})).items()
             },

@@ -2,9 +2,11 @@
 
 Some data needs the model (LTE's unedited twins of portability questions are the unedited
 model's own answers), and some training needs the data (LTE's scope head trains on the data's
-edit records). Instead of reaching each other through ``trainer.lightning_module`` and
-``trainer.datamodule``, each side declares what it offers or takes, and :func:`connect` hands it
-over: ``train.py`` calls it once both are built; from Python, call it before ``Trainer.fit``.
+edit records); a multi-process evaluation shards the test records by the editor's protocol
+groups (a batch of edits stays on one process). Instead of reaching each other through
+``trainer.lightning_module`` and ``trainer.datamodule``, each side declares what it offers or
+takes, and :func:`connect` hands it over: ``train.py`` calls it once both are built; from Python,
+call it before ``Trainer.fit`` (or ``Trainer.test``).
 """
 
 from __future__ import annotations
@@ -54,8 +56,29 @@ class TakesEditRecords(Protocol):
         ...
 
 
+@runtime_checkable
+class EvaluatesInGroups(Protocol):
+    """A model whose test protocol needs runs of consecutive records on one process."""
+
+    def test_shard_unit(self) -> int:
+        """Consecutive test records one process must evaluate together."""
+        ...
+
+
+@runtime_checkable
+class ShardsTestRecords(Protocol):
+    """A data module that shards its test records across processes in runs of ``unit``."""
+
+    def shard_test_records(self, unit: int) -> None:
+        """Keep runs of ``unit`` consecutive test records on one process."""
+        ...
+
+
 def connect(model: object, datamodule: object | None) -> None:
-    """Hand the model's answerer to the data module and the data's edit records to the model.
+    """Hand over what the model and its data module take from each other.
+
+    The model's answerer and its test shard unit go to the data module, the data's edit records
+    to the model.
 
     Only what one side takes and the other offers is handed over; anything else is left alone.
 
@@ -69,3 +92,5 @@ def connect(model: object, datamodule: object | None) -> None:
         datamodule.answer_with(model.unedited_answers)
     if isinstance(model, TakesEditRecords) and isinstance(datamodule, OffersEditRecords):
         model.train_on_records(datamodule.edit_records)
+    if isinstance(model, EvaluatesInGroups) and isinstance(datamodule, ShardsTestRecords):
+        datamodule.shard_test_records(model.test_shard_unit())

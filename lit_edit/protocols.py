@@ -92,6 +92,16 @@ class EditingProtocol(ABC):
     def group_size(self) -> int:
         """Number of records the protocol consumes at a time."""
 
+    @property
+    def shard_unit(self) -> int:
+        """Consecutive records that must be evaluated by one process when records are sharded.
+
+        Every group leaves the editor as it found it, so whole groups can go to different
+        processes (:mod:`lit_edit.sharding`) and give the values one process would: the default
+        is the group size (a batch applied together, a sequence of kept edits).
+        """
+        return self.group_size
+
     @abstractmethod
     def run(
         self,
@@ -195,6 +205,18 @@ class SingleEdit(EditingProtocol):
     def group_size(self) -> int:
         """Records consumed at a time (the chunk size)."""
         return self.chunk_size
+
+    @property
+    def shard_unit(self) -> int:
+        """Single edits are independent: records can be sharded one by one.
+
+        With ``parallel > 1``, by whole parallel edits (so that the same records are edited
+        together as in one process), or by whole chunks when ``chunk_size`` is not a multiple of
+        ``parallel``.
+        """
+        if self.parallel == 1:
+            return 1
+        return self.parallel if self.chunk_size % self.parallel == 0 else self.chunk_size
 
     def run(self, editor, records, evaluator, group, progress=None):
         """Edit, score and restore each record in turn (see :meth:`EditingProtocol.run`)."""

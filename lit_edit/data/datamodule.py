@@ -15,6 +15,7 @@ from lit_edit.data.reading import ReadResult, read_records
 from lit_edit.data.split import check_fractions, split_indices, subsample
 from lit_edit.data.transfer import move_batch_to_device
 from lit_edit.records import EditRecord
+from lit_edit.sharding import ShardSampler
 
 
 class EditDataModule(LightningDataModule):
@@ -54,6 +55,8 @@ class EditDataModule(LightningDataModule):
         read_results: What reading each file gave (key: the split, or ``"path"``), with the
             skipped records and dropped values.
         prepared_splits: The splits :meth:`setup` has been asked for so far.
+        test_shard_unit: Consecutive test records kept on one process when the test records
+            are sharded across processes (see :meth:`shard_test_records`).
     """
 
     def __init__(
@@ -111,6 +114,7 @@ class EditDataModule(LightningDataModule):
         self.records: dict[str, list[EditRecord]] = {}
         self.read_results: dict[str, ReadResult[EditRecord]] = {}
         self.prepared_splits: set[str] = set()
+        self.test_shard_unit = 1
 
     @staticmethod
     def splits_for_stage(stage: str) -> tuple[str, ...]:
@@ -199,15 +203,34 @@ class EditDataModule(LightningDataModule):
         when = f" (stage {stage!r})" if stage else ""
         raise ValueError(f"{type(self).__name__} has no {split} records{when}: {hint}")
 
-    def _loader(self, split: str, shuffle: bool) -> DataLoader[Any]:
+    def shard_test_records(self, unit: int) -> None:
+        """Shard the test records across processes in runs of ``unit`` consecutive records.
+
+        The test loader gives each process of a multi-process run one contiguous slice of the
+        test records, every record exactly once, slice boundaries on multiples of ``unit``
+        (:class:`~lit_edit.sharding.ShardSampler`); the editing protocol's groups need it
+        (:attr:`~lit_edit.protocols.EditingProtocol.shard_unit`, handed over by
+        :func:`~lit_edit.links.connect`).
+
+        Raises:
+            ValueError: if ``unit < 1``.
+        """
+        if unit < 1:
+            raise ValueError(f"the shard unit must be >= 1, got {unit}")
+        self.test_shard_unit = unit
+
+    def _loader(self, split: str, shuffle: bool, shard: bool = False) -> DataLoader[Any]:
         generator = None
         if shuffle:
             generator = torch.Generator()
             generator.manual_seed(self.shuffle_seed)
+        records = self._split(split)
+        sampler = ShardSampler(len(records), self.test_shard_unit) if shard else None
         return DataLoader(
-            self._split(split),  # type: ignore[arg-type]
+            records,  # type: ignore[arg-type]
             batch_size=self.batch_size if split == "train" else self.eval_batch_size,
             shuffle=shuffle,
+            sampler=sampler,
             generator=generator,
             collate_fn=collate_records,
             num_workers=self.num_workers,
@@ -223,8 +246,12 @@ class EditDataModule(LightningDataModule):
         return self._loader("val", shuffle=False)
 
     def test_dataloader(self) -> DataLoader[Any]:
-        """Batches of test records, in file order."""
-        return self._loader("test", shuffle=False)
+        """Batches of test records, in file order; this process's shard in a multi-process run.
+
+        The shard is contiguous and nothing is padded
+        (:class:`~lit_edit.sharding.ShardSampler`): Lightning leaves the sampler as it is.
+        """
+        return self._loader("test", shuffle=False, shard=True)
 
     def predict_dataloader(self) -> DataLoader[Any]:
         """The test records (same as :meth:`test_dataloader`)."""

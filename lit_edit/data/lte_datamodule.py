@@ -274,6 +274,14 @@ class LTEDataModule(LightningDataModule):
             num_workers=self.num_workers,
         )
 
+    def shard_test_records(self, unit: int) -> None:
+        """Shard the test records of ``edits`` in runs of ``unit`` consecutive records.
+
+        See :meth:`~lit_edit.data.datamodule.EditDataModule.shard_test_records`.
+        """
+        if self.edits is not None:
+            self.edits.shard_test_records(unit)
+
     def test_dataloader(self) -> DataLoader[Any]:
         """The test edit records of ``edits``."""
         assert self.edits is not None

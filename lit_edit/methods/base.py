@@ -72,6 +72,15 @@ class EditorModule(L.LightningModule, metaclass=_EditorMeta):
         self.model.requires_grad_(False)
         self.evaluation = Evaluation()
 
+    def test_shard_unit(self) -> int:
+        """Consecutive test records one process evaluates together in a multi-process ``test``.
+
+        The protocol's :attr:`~lit_edit.protocols.EditingProtocol.shard_unit` (``1`` for single
+        edits, the batch size for batch edits, T for sequential editing); handed to the data
+        module by :func:`~lit_edit.links.connect`.
+        """
+        return self.evaluation.protocol.shard_unit
+
     # ------------------------------------------------------------------ the editing contract
     @abstractmethod
     def edit(self, records: Sequence[EditRecord]) -> EditHandle:
