@@ -152,9 +152,10 @@ def _user_error(error: BaseException) -> BaseException | None:
     """The first error of ``error``'s chain that is the user's to fix (one line is enough)."""
     from lit_edit.backbone import BackboneNotFoundError
     from lit_edit.records import DataFileError
+    from lit_edit.sharding import ShardingError
 
     kinds = (
-        DataFileError, CheckpointError, ConfigFileError, BackboneNotFoundError,
+        DataFileError, CheckpointError, ConfigFileError, BackboneNotFoundError, ShardingError,
         argparse.ArgumentError,
     )
     seen: set[int] = set()
@@ -167,11 +168,26 @@ def _user_error(error: BaseException) -> BaseException | None:
     return None
 
 
+def _is_rank_zero() -> bool:
+    """Whether this is rank 0 of a multi-process run (or a single process).
+
+    From the process group when there is one, else from the ``NODE_RANK``/``LOCAL_RANK``
+    variables Lightning's launcher sets for the processes it starts.
+    """
+    from lit_edit.sharding import world_and_rank
+
+    world_size, rank = world_and_rank()
+    if world_size > 1:
+        return rank == 0
+    return all(os.environ.get(k, "0") in ("", "0") for k in ("NODE_RANK", "LOCAL_RANK"))
+
+
 @contextlib.contextmanager
 def one_line_errors(enabled: bool = True) -> Iterator[None]:
     """Turn a data, config, checkpoint or backbone error into one ``error: ...`` line and exit 1.
 
-    Set the environment variable ``LIT_EDIT_TRACEBACK=1`` to get the full traceback instead.
+    Set the environment variable ``LIT_EDIT_TRACEBACK=1`` to get the full traceback instead. In a
+    multi-process run only rank 0 prints the line (every process exits with status 1).
 
     Args:
         enabled: Whether to convert (the command line); Python callers get the exception.
@@ -185,6 +201,8 @@ def one_line_errors(enabled: bool = True) -> Iterator[None]:
         found = _user_error(e) if enabled else None
         if found is None or os.environ.get("LIT_EDIT_TRACEBACK", "") not in ("", "0"):
             raise
+        if not _is_rank_zero():  # the other processes of a multi-process run fail the same way
+            raise SystemExit(1) from e
         if isinstance(found, argparse.ArgumentError):
             message = config_error_line(str(found))
         else:

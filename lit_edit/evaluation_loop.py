@@ -24,7 +24,7 @@ from lit_edit.evaluation import Evaluation
 from lit_edit.evaluation_run import EvaluationRun
 from lit_edit.protocols import EditingProtocol
 from lit_edit.report import markdown_table, plot_sequential
-from lit_edit.sharding import ShardSampler
+from lit_edit.sharding import ShardingError, ShardSampler
 
 log = logging.getLogger(__name__)
 
@@ -59,20 +59,20 @@ def shard_start(loaders: Any, protocol: EditingProtocol, world_size: int) -> int
         world_size: Number of processes.
 
     Raises:
-        ValueError: with one line saying what is wrong and what to do, when the records would
+        ShardingError: with one line saying what is wrong and what to do, when the records would
             be duplicated (Lightning's padding ``DistributedSampler``), dropped or regrouped.
     """
     if world_size == 1:
         return 0
     found = _loaders(loaders)
     if len(found) != 1:
-        raise ValueError(
+        raise ShardingError(
             f"an evaluation on {world_size} devices needs exactly one test dataloader, got "
             f"{len(found)}: merge them, or use --trainer.devices 1"
         )
     sampler = getattr(found[0], "sampler", None)
     if not isinstance(sampler, ShardSampler):
-        raise ValueError(
+        raise ShardingError(
             f"the test records are not sharded by lit_edit.sharding.ShardSampler (the loader's "
             f"sampler is a {type(sampler).__name__}): on {world_size} devices Lightning's "
             "DistributedSampler would pad them and score some twice; give the test DataLoader "
@@ -81,13 +81,13 @@ def shard_start(loaders: Any, protocol: EditingProtocol, world_size: int) -> int
     unit = protocol.shard_unit
     name = protocol.describe().get("protocol", type(protocol).__name__)
     if sampler.unit % unit:
-        raise ValueError(
+        raise ShardingError(
             f"the test records are sharded in runs of {sampler.unit} but the {name} protocol "
             f"keeps {unit} consecutive records together: call lit_edit.links.connect(editor, "
             "datamodule) after setting editor.evaluation, or use --trainer.devices 1"
         )
     if sampler.num_replicas != world_size:
-        raise ValueError(
+        raise ShardingError(
             f"the test records are sharded over {sampler.num_replicas} processes, the trainer "
             f"runs {world_size}"
         )

@@ -6,6 +6,7 @@ results for the results writer.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from collections.abc import Callable, Sequence
@@ -292,11 +293,17 @@ class EvaluationRun:
             for key, value in row["post"].items():
                 if "/" in key and value is not None:
                     breakdown.setdefault(key, []).append(value)
-        counts: dict[str, Any] = {
-            name: {"records": int(m.n_records), "empty": int(m.n_empty)}
-            for name, m in self.metrics.items()
+        counted = {
+            name: m for name, m in self.metrics.items()
             if hasattr(m, "n_empty") and not name.startswith("pre_")
         }
+        with contextlib.ExitStack() as synced:  # every process's counts (a collective)
+            for m in counted.values():
+                synced.enter_context(m.sync_context())
+            counts: dict[str, Any] = {
+                name: {"records": int(m.n_records), "empty": int(m.n_empty)}
+                for name, m in counted.items()
+            }
         if self.settings.locality_conflicts == "exclude":
             counts["locality"]["pairs_excluded"] = int(
                 sum(row["post"].get("locality_excluded") or 0 for row in rows)

@@ -18,6 +18,10 @@ import torch.distributed as dist
 from torch.utils.data import DistributedSampler
 
 
+class ShardingError(ValueError):
+    """Records that cannot be shared by the processes of a run as asked (one line suffices)."""
+
+
 def world_and_rank() -> tuple[int, int]:
     """The number of processes of the default process group and this process's rank.
 
@@ -47,9 +51,10 @@ def shard_bounds(n: int, world_size: int, rank: int, unit: int = 1) -> tuple[int
         ``(start, stop)`` with ``start`` a multiple of ``unit``.
 
     Raises:
-        ValueError: for a bad argument, or when there are fewer units than processes (a process
-            without records would leave the others waiting for it); the message says how many
-            devices the records allow.
+        ValueError: for a bad argument.
+        ShardingError: when there are fewer units than processes (a process without records
+            would leave the others waiting for it); the message says how many devices the
+            records allow.
     """
     if n < 0:
         raise ValueError(f"the number of records must be >= 0, got {n}")
@@ -59,11 +64,16 @@ def shard_bounds(n: int, world_size: int, rank: int, unit: int = 1) -> tuple[int
         raise ValueError(f"rank {rank} is not in a world of {world_size} process(es)")
     n_units = -(-n // unit)
     if n_units < world_size:
-        group = f" in groups of {unit}" if unit > 1 else ""
-        raise ValueError(
-            f"{n} test record(s){group} cannot be shared by {world_size} processes: each needs "
-            f"at least one {'group' if unit > 1 else 'record'}; use --trainer.devices "
-            f"{max(n_units, 1)} or fewer, or evaluate more records"
+        what = (
+            f"{n} test record(s) in {n_units} group(s) of {unit} (the editing protocol's groups, "
+            "each evaluated whole by one process)" if unit > 1 else f"{n} test record(s)"
+        )
+        allowed = (
+            "--trainer.devices 1" if n_units <= 1 else f"--trainer.devices {n_units} or fewer"
+        )
+        raise ShardingError(
+            f"{what} cannot be shared by {world_size} processes: every process needs at least "
+            f"one; use {allowed}, or more test records"
         )
     base, extra = divmod(n_units, world_size)
     first = rank * base + min(rank, extra)
