@@ -37,8 +37,9 @@ def shard_bounds(n: int, world_size: int, rank: int, unit: int = 1) -> tuple[int
     """The contiguous slice ``[start, stop)`` of ``n`` records that process ``rank`` evaluates.
 
     The records form ``ceil(n / unit)`` units of ``unit`` consecutive records (the last one may
-    be shorter); each process gets a contiguous run of whole units, the first
-    ``n_units % world_size`` processes one unit more than the others. The slices of
+    be shorter); each process gets a contiguous run of whole units, the last
+    ``n_units % world_size`` processes one unit more than the others (the short last unit goes
+    with an extra one, which balances the records best). The slices of
     ``rank = 0 .. world_size - 1`` are disjoint, in order, and cover every record once.
 
     Args:
@@ -62,6 +63,8 @@ def shard_bounds(n: int, world_size: int, rank: int, unit: int = 1) -> tuple[int
         raise ValueError(f"the shard unit must be >= 1, got {unit}")
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is not in a world of {world_size} process(es)")
+    if world_size == 1:
+        return 0, n
     n_units = -(-n // unit)
     if n_units < world_size:
         what = (
@@ -76,8 +79,9 @@ def shard_bounds(n: int, world_size: int, rank: int, unit: int = 1) -> tuple[int
             f"one; use {allowed}, or more test records"
         )
     base, extra = divmod(n_units, world_size)
-    first = rank * base + min(rank, extra)
-    last = first + base + (1 if rank < extra else 0)
+    plain = world_size - extra  # the first ranks get `base` units, the others one more
+    first = rank * base + max(0, rank - plain)
+    last = first + base + (1 if rank >= plain else 0)
     return first * unit, min(last * unit, n)
 
 
