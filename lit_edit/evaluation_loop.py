@@ -115,6 +115,10 @@ class EvaluationLoop(Callback):
     and settings), ``table.md`` and ``sequential.png`` (metrics against the number of
     sequential edits). Its path is printed at the end.
 
+    On several processes (``--trainer.devices N``) each process evaluates its shard of the
+    records (:func:`shard_start` checks the sharding), the rows of all processes are gathered
+    in the records' order and rank 0 alone writes the folder: the same files as one process.
+
     Attributes:
         run: The current (or last) evaluation run.
         report: The tables and the results path of the last run, as printed (``None`` before).
@@ -135,7 +139,11 @@ class EvaluationLoop(Callback):
         return settings if isinstance(settings, Evaluation) else Evaluation()
 
     def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Open a run: fresh metrics, results and (optionally) a weight snapshot."""
+        """Open a run: fresh metrics, results and (optionally) a weight snapshot.
+
+        On several processes, first check that the records are sharded without padding, by
+        whole protocol groups (:func:`shard_start`; every process fails alike otherwise).
+        """
         settings = self.settings(pl_module)
         settings.protocol.check(pl_module)
         start = shard_start(trainer.test_dataloaders, settings.protocol, trainer.world_size)

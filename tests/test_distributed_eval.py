@@ -220,6 +220,7 @@ def test_two_processes_give_the_single_process_records_and_summary(tmp_path):
 
 
 @needs_gloo
+@pytest.mark.slow
 def test_sequential_editing_is_sharded_by_whole_groups(tmp_path):
     sharded = _compare(tmp_path, *SEQUENTIAL)
     assert sharded["protocol"] == {
