@@ -80,13 +80,15 @@ class LitEditCLI(LightningCLI):
         # Lightning warnings that are by design here, silenced so that real ones stand out:
         # EditorModule and EditDataModule both move record batches safely (same function);
         # editors tokenize in their own `on_before_batch_transfer`; frozen backbones stay in
-        # eval mode while the editor trains; train.py/evaluate.py pass sys.argv on as `args`.
+        # eval mode while the editor trains; train.py/evaluate.py pass sys.argv on as `args`;
+        # the evaluation's test/ values are computed over every process before they are logged.
         for message in (
             ".*overridden `transfer_batch_to_device`.*",
             ".*overridden `on_before_batch_transfer`.*",
             r".*module\(s\) in eval mode at the start of training.*",
             ".*LightningCLI's args parameter is intended to run from within Python.*",
             r".*isinstance\(treespec, LeafSpec\)` is deprecated.*",  # inside Lightning itself
+            r".*self\.log\('test/.*sync_dist=True.*",
         ):
             warnings.filterwarnings("ignore", message=message)
         # one device unless a config says otherwise (configs/trainer/*.yaml): Lightning's
