@@ -94,6 +94,14 @@ def test_fewer_groups_than_processes_are_refused_in_one_line():
             shard_bounds(1, 2, 0)
 
 
+def test_only_rank_zero_prints_the_line(monkeypatch):
+    monkeypatch.setenv("LOCAL_RANK", "1")  # what Lightning's launcher sets for rank 1
+    with pytest.raises(SystemExit) as exited:
+        with one_line_errors():
+            shard_bounds(1, 2, 1)
+    assert exited.value.code == 1  # quiet: rank 0 prints the same error
+
+
 # --------------------------------------------------------------------------- the checks
 def test_protocols_keep_their_groups_on_one_process():
     assert SingleEdit().shard_unit == 1
@@ -143,26 +151,36 @@ def test_a_shard_forms_and_numbers_the_groups_one_process_would():
 
 
 # --------------------------------------------------------------------------- end to end
-def _args(results: Path, *extra: str) -> list[str]:
+def _args(results: Path, *extra: str, logged: bool = False) -> list[str]:
+    """The command's arguments; ``logged``: the config's TensorBoard logger under ``results``
+    gives the results folder (``<log_dir>/results``, resolved on every process)."""
+    where = (
+        ["--trainer.logger.init_args.save_dir", str(results)] if logged
+        else ["--trainer.logger", "false", "--evaluation.results_dir", str(results)]
+    )
     return [
         "--config", str(CONFIG),
         "--threads", "1",
-        "--trainer.logger", "false",
         "--trainer.enable_progress_bar", "false",
         "--evaluation.fluency", "false",
         "--data.init_args.n_test", str(N_TEST),
         "--model.init_args.steps", "10",
-        "--evaluation.results_dir", str(results),
+        *where,
         *extra,
     ]
 
 
-def _start_two_processes(tmp_path: Path, results: Path, *extra: str) -> subprocess.Popen:
+def _start_two_processes(
+    tmp_path: Path, results: Path, *extra: str, logged: bool = False
+) -> subprocess.Popen:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     env.pop("LIT_EDIT_TRACEBACK", None)
     return subprocess.Popen(
-        [sys.executable, str(ROOT / "evaluate.py"), *_args(results, *extra), *TWO_PROCESSES],
+        [
+            sys.executable, str(ROOT / "evaluate.py"), *_args(results, *extra, logged=logged),
+            *TWO_PROCESSES,
+        ],
         cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
 
@@ -189,12 +207,17 @@ def _assert_same(single, sharded, path="summary"):
         assert single == sharded, (path, single, sharded)
 
 
-def _compare(tmp_path: Path, *extra: str) -> dict:
+def _compare(tmp_path: Path, *extra: str, logged: bool = False) -> dict:
+    """Run on 2 processes and in this one; check the files agree; the 2-process summary."""
     sharded_dir, single_dir = tmp_path / "two", tmp_path / "one"
-    process = _start_two_processes(tmp_path, sharded_dir, *extra)  # runs while the reference runs
+    # the 2-process run goes on while the reference runs
+    process = _start_two_processes(tmp_path, sharded_dir, *extra, logged=logged)
     evaluate_main(_args(single_dir, *extra))
     code, out = _finish(process)
     assert code == 0, out[-3000:]
+    if logged:
+        sharded_dir = sharded_dir / "ft-tinyfacts" / "version_0" / "results"
+        assert f"Results written to {sharded_dir.resolve()}" in out
     single_rows = (single_dir / "records.jsonl").read_text().splitlines()
     sharded_rows = (sharded_dir / "records.jsonl").read_text().splitlines()
     indices = [json.loads(line)["index"] for line in sharded_rows]
@@ -215,7 +238,9 @@ def _compare(tmp_path: Path, *extra: str) -> dict:
 
 @needs_gloo
 def test_two_processes_give_the_single_process_records_and_summary(tmp_path):
-    sharded = _compare(tmp_path)
+    # with the config's logger: the results folder is <log_dir>/results, which every process
+    # must ask for (trainer.log_dir is a collective)
+    sharded = _compare(tmp_path, logged=True)
     assert sharded["protocol"]["protocol"] == "single"
 
 
