@@ -55,7 +55,69 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         ) from e
     if not isinstance(saved, dict) or "state_dict" not in saved:
         raise CheckpointError(f"{path}: not a lit_edit checkpoint (no state_dict in it)")
+    if "pytorch-lightning_version" not in saved:
+        raise CheckpointError(
+            f"{path}: not a lit_edit checkpoint (another class: not written by a Lightning "
+            "Trainer, no 'pytorch-lightning_version' in it)"
+        )
     return saved
+
+
+def check_checkpoint_class(path: str | Path, saved_class: str | None, config_class: str) -> None:
+    """Refuse a checkpoint whose saved class is not an editor, or not the config's editor.
+
+    Args:
+        path: The checkpoint file.
+        saved_class: The ``_class_path`` saved in its hyperparameters (``None``: not saved).
+        config_class: The config's ``model.class_path``.
+
+    Raises:
+        CheckpointError: naming the path and both classes.
+    """
+    from lit_edit.methods import EditorModule
+
+    if not saved_class or saved_class == config_class:
+        return
+    saved = _import(saved_class)
+    if not (isinstance(saved, type) and issubclass(saved, EditorModule)):
+        raise CheckpointError(
+            f"{path}: not a lit_edit checkpoint (another class: {saved_class}, not an editor)"
+        )
+    raise CheckpointError(
+        f"{path} holds a {saved_class} but the config's model is {config_class}: evaluate it "
+        "with that editor's config"
+    )
+
+
+def weights_mismatch(
+    path: str | Path, saved: dict[str, Any], model: torch.nn.Module
+) -> CheckpointError:
+    """The one-line error for a checkpoint whose weights do not fit the configured editor.
+
+    Args:
+        path: The checkpoint file.
+        saved: Its contents (:func:`read_checkpoint`).
+        model: The editor the weights were loaded into.
+
+    Returns:
+        ``"<path>: not a lit_edit checkpoint of X (another class: ...)"`` when the checkpoint
+        does not name ``X`` as its class, else an error saying the settings differ; both give
+        the number of missing and unexpected weights and the first of each.
+    """
+    name = type(model).__name__
+    expected, found = set(model.state_dict()), set(saved.get("state_dict") or {})
+    missing, unexpected = sorted(expected - found), sorted(found - expected)
+    counts = (
+        f"{len(missing)} of its weights missing{f' (e.g. {missing[0]!r})' if missing else ''}, "
+        f"{len(unexpected)} unexpected{f' (e.g. {unexpected[0]!r})' if unexpected else ''}"
+    )
+    saved_class = (saved.get("hyper_parameters") or {}).get("_class_path")
+    if saved_class and saved_class.rpartition(".")[2] == name:
+        return CheckpointError(
+            f"{path}: the {name} checkpoint's weights do not fit this config ({counts}): use the "
+            "settings it was trained with"
+        )
+    return CheckpointError(f"{path}: not a lit_edit checkpoint of {name} (another class: {counts})")
 
 
 def check_config_files(args: Sequence[str]) -> None:

@@ -213,3 +213,117 @@ def test_train_unknown_key_and_bad_checkpoint_are_one_line(
         monkeypatch, train_main, "fit", "--config", MEND, "--ckpt_path", str(ckpt)
     )
     assert f"{ckpt}: not a lit_edit checkpoint (truncated or not a torch checkpoint" in message
+
+
+def _lightning_checkpoint(
+    path: Path, state: dict[str, torch.Tensor], class_path: str | None
+) -> Path:
+    """A checkpoint file as a Lightning Trainer writes it, of the class ``class_path``."""
+    hparams = {} if class_path is None else {"_class_path": class_path}
+    torch.save(
+        {"state_dict": state, "hyper_parameters": hparams, "pytorch-lightning_version": "2.6.6"},
+        path,
+    )
+    return path
+
+
+def test_checkpoint_not_written_by_lightning(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ckpt = tmp_path / "plain.ckpt"
+    torch.save({"state_dict": {"layer.weight": torch.zeros(2)}}, ckpt)
+    message = command_line(monkeypatch, evaluate_main, "--config", FT, "--ckpt_path", str(ckpt))
+    assert f"{ckpt}: not a lit_edit checkpoint (another class: not written by a Lightning" in (
+        message
+    )
+
+
+def test_checkpoint_of_a_class_that_is_not_an_editor(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ckpt = _lightning_checkpoint(tmp_path / "lin.ckpt", {"w": torch.zeros(1)}, "torch.nn.Linear")
+    args = ["fit", "--config", MEND, "--ckpt_path", str(ckpt)]
+    message = command_line(monkeypatch, train_main, *args)
+    assert f"{ckpt}: not a lit_edit checkpoint (another class: torch.nn.Linear, not an editor)" in (
+        message
+    )
+
+
+def test_checkpoint_of_another_editor(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    ckpt = _lightning_checkpoint(
+        tmp_path / "mend.ckpt", {"w": torch.zeros(1)}, "lit_edit.methods.MENDEditor"
+    )
+    message = command_line(monkeypatch, evaluate_main, "--config", FT, "--ckpt_path", str(ckpt))
+    assert (
+        f"{ckpt} holds a lit_edit.methods.MENDEditor but the config's model is "
+        "lit_edit.methods.FTEditor" in message
+    )
+
+
+def test_checkpoint_whose_weights_are_another_models(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No class saved, foreign weights: torch's multi-line key listing becomes one line."""
+    ckpt = _lightning_checkpoint(tmp_path / "other.ckpt", {"layer.weight": torch.zeros(2)}, None)
+    args = ["--config", FT, "--ckpt_path", str(ckpt), "--trainer.logger", "false"]
+    message = command_line(monkeypatch, evaluate_main, *args)
+    assert f"{ckpt}: not a lit_edit checkpoint of FTEditor (another class: " in message
+    # the tiny GPT-2's tensors: 2 blocks x 12 (ln_1, attn c_attn/c_proj, ln_2, mlp c_fc/c_proj,
+    # each weight and bias) + wte + wpe + ln_f weight and bias + lm_head = 29
+    assert "29 of its weights missing" in message
+    assert "1 unexpected (e.g. 'layer.weight')" in message
+    same_class = _lightning_checkpoint(
+        tmp_path / "ft.ckpt", {"layer.weight": torch.zeros(2)}, "lit_edit.methods.FTEditor"
+    )
+    args[3] = str(same_class)
+    message = command_line(monkeypatch, evaluate_main, *args)
+    assert f"{same_class}: the FTEditor checkpoint's weights do not fit this config" in message
+
+
+def test_train_hub_name_while_offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    message = command_line(
+        monkeypatch, train_main, "fit", "--config", MEND,
+        "--model.init_args.backbone", "lit-edit-tests/no-such-model",
+    )
+    assert "backbone 'lit-edit-tests/no-such-model': not a local directory" in message
+    assert "give a local directory" in message
+
+
+def test_train_traceback_on_request(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    ckpt = tmp_path / "empty.ckpt"
+    ckpt.write_bytes(b"")
+    argv = ["train.py", "fit", "--config", MEND, "--ckpt_path", str(ckpt)]
+    monkeypatch.setattr(sys, "argv", argv)
+    monkeypatch.setenv("LIT_EDIT_TRACEBACK", "1")
+    with pytest.raises(CheckpointError, match="empty file"):
+        train_main()
+
+
+def test_evaluate_help_usage_line_is_its_own(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(sys, "argv", ["evaluate.py", "--help"])
+    with pytest.raises(SystemExit):
+        evaluate_main()
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first.startswith("usage: evaluate.py [-c CONFIG]"), first
+    assert "test" not in first and "{fit,validate,test,predict}" not in first
+
+
+@pytest.mark.parametrize(
+    ("config", "name"),
+    [("mend", "MENDEditor"), ("serac", "SERACEditor"), ("lte", "LTEEditor")],
+)
+def test_trained_editors_refuse_to_evaluate_without_a_checkpoint(
+    config: str, name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(
+        sys, "argv", ["evaluate.py", "--config", str(ROOT / "configs" / config / "tinyfacts.yaml")]
+    )
+    with pytest.raises(SystemExit) as info:
+        evaluate_main()
+    message = str(info.value.code)
+    assert "\n" not in message
+    assert message.startswith(f"error: {name} must be trained before it is evaluated")
+    assert "--ckpt_path" in message and "--allow_untrained true" in message
