@@ -264,17 +264,92 @@ def test_no_unused_keys_no_listing(tmp_path: Path, capsys: pytest.CaptureFixture
     assert "keys not used" not in capsys.readouterr().out
 
 
+def test_unused_keys_inside_objects_are_listed_by_path(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rewrite = rome_raw()["requested_rewrite"]
+    rewrite = {
+        **rewrite, "relation": "origin", "target_new": {"str": "Japan", "id": "Q17", "lang": "en"}
+    }
+    rome = rome_raw(
+        requested_rewrite=rewrite,
+        portability={"New Question": "Which continent?", "New Answer": "Asia", "Hop": 1},
+    )
+    path = write_json(tmp_path / "rome.json", [rome, rome_raw()])
+    result = read_records(path)
+    assert result.unused_keys == {"attribute_prompts": 2}
+    assert result.unused_nested_keys == {
+        "requested_rewrite.relation": 1,
+        "requested_rewrite.target_new.lang": 1,
+        "portability.Hop": 1,
+    }
+    assert main([str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "  keys inside objects not used (not kept):" in out
+    assert "    requested_rewrite.target_new.lang (1 records)" in out
+    assert "    portability.Hop (1 records)" in out
+
+
+@pytest.mark.parametrize("reader", ["knowedit", "wikibio"])
+def test_unused_keys_of_group_items_are_listed(tmp_path: Path, reader: str) -> None:
+    groups = {
+        "locality": {
+            "Forgetfulness": [
+                {"prompt": "Ann painted", "ground_truth": "x", "subject": "Ann"},
+                {"prompt": "Ann lived in", "ground_truth": "y", "subject": "Ann"},
+            ]
+        },
+        "portability": {"Reasoning": {"prompt": "p", "ground_truth": "g", "hop": 2}},
+    }
+    if reader == "wikibio":
+        raw = {**wikibio_raw(), **groups}
+    else:
+        raw = {"subject": "Ann", "prompt": "Ann lives in", "target_new": "Rome", **groups}
+    result = read_records(write_json(tmp_path / "k.json", [raw, raw, {**raw, **{"locality": {}}}]))
+    assert result.format_name == reader
+    # counted once per record that has the key, whatever the number of items having it
+    assert result.unused_nested_keys == {
+        "locality.Forgetfulness.subject": 2,
+        "portability.Reasoning.hop": 3,
+    }
+
+
+def test_zsre_portability_keys_are_all_used(tmp_path: Path) -> None:
+    raw = zsre_raw(
+        portability={"Recalled Relation": "(a, b, c)", "New Question": "q?", "New Answer": "a"}
+    )
+    assert read_records(write_json(tmp_path / "z.json", [raw])).unused_nested_keys == {}
+    raw["portability"]["Source"] = "gpt4"
+    flat = counterfact_raw(portability=raw["portability"])
+    assert read_records(write_json(tmp_path / "z.json", [raw])).unused_nested_keys == {
+        "portability.Source": 1
+    }
+    assert read_records(write_json(tmp_path / "c.json", [flat])).unused_nested_keys == {
+        "portability.Source": 1
+    }
+
+
 @needs_data
 def test_shared_subject_replace_file_portability_and_unused_keys() -> None:
     result = read_records(DATA / "counterfact/counterfact_subject_replace.json")
     assert all(len(r.portability["subject_replace"]) == 1 for r in result.records)
     assert result.unused_keys == {"attribute_prompts": 213}
+    assert result.unused_nested_keys == {}
 
 
 @needs_data
 def test_shared_zsre_eval_unused_keys() -> None:
     result = read_records(DATA / "zsre/zsre_mend_eval_portability_gpt4.json")
     assert result.unused_keys == {"pred": 1037, "cond": 1037}
+    assert result.unused_nested_keys == {}
+
+
+@needs_data
+@pytest.mark.parametrize(
+    "name", ["knowedit/ZsRE/ZsRE-test-all.json", "knowedit/wiki_counterfact/train_cf.json"]
+)
+def test_shared_knowedit_group_items_use_every_key(name: str) -> None:
+    assert read_records(DATA / name).unused_nested_keys == {}
 
 
 def test_rome_groups_reach_the_evaluation_breakdown(tmp_path: Path) -> None:

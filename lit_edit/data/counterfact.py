@@ -7,7 +7,7 @@ from typing import Any, ClassVar
 
 from lit_edit.data.base import RecordReader
 from lit_edit.data.fields import RawRecord
-from lit_edit.data.zsre import gpt4_portability, subject_replace
+from lit_edit.data.zsre import GPT4_PORTABILITY_KEYS, gpt4_portability, subject_replace
 from lit_edit.records import EditRecord, QAPair, RecordError
 
 
@@ -40,6 +40,8 @@ class CounterFactReader(RecordReader):
             "alternative_subject",
         )
     )
+
+    nested_used_keys = {"portability": GPT4_PORTABILITY_KEYS}
 
     def matches(self, raw: Mapping[str, Any]) -> bool:
         """Detect a flat record with a ``ground_truth`` and a ``locality_prompt``."""
@@ -119,6 +121,15 @@ class RomeCounterFactReader(RecordReader):
             *distracting_keys,
         )
     )
+
+    nested_used_keys = {
+        "requested_rewrite": frozenset(
+            ("prompt", "subject", "target_new", "target_true", "relation_id")
+        ),
+        "requested_rewrite.target_new": frozenset(("str", "id")),
+        "requested_rewrite.target_true": frozenset(("str", "id")),
+        "portability": GPT4_PORTABILITY_KEYS,
+    }
 
     def matches(self, raw: Mapping[str, Any]) -> bool:
         """Detect ROME's ``requested_rewrite`` key."""

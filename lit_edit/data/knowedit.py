@@ -9,6 +9,12 @@ from lit_edit.data.base import RecordReader
 from lit_edit.data.fields import RawRecord, json_type
 from lit_edit.records import EditRecord, QAPair, RecordError
 
+GROUP_ITEM_KEYS = {
+    "portability.*": frozenset(("prompt", "ground_truth")),
+    "locality.*": frozenset(("prompt", "ground_truth")),
+}
+"""The keys read from each item of a KnowEdit ``portability``/``locality`` group."""
+
 
 class KnowEditReader(RecordReader):
     """KnowEdit records, with ``portability``/``locality`` groups of (prompt, ground_truth).
@@ -42,6 +48,8 @@ class KnowEditReader(RecordReader):
             "locality",
         )
     )
+
+    nested_used_keys = GROUP_ITEM_KEYS
 
     def matches(self, raw: Mapping[str, Any]) -> bool:
         """Detect ``prompt`` + ``target_new`` without the flat locality fields of other formats."""
@@ -131,6 +139,8 @@ class WikiBioReader(RecordReader):
     format_name = "wikibio"
     description = "KnowEdit WikiBio (concept, text, labels, locality groups)"
     used_keys = frozenset(("concept", "text", "labels", "locality", "portability"))
+
+    nested_used_keys = GROUP_ITEM_KEYS
 
     def matches(self, raw: Mapping[str, Any]) -> bool:
         """Detect WikiBio's ``text`` + ``labels`` (and no ``prompt``)."""
