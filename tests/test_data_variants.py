@@ -242,6 +242,11 @@ def test_single_object_json_is_still_refused(tmp_path: Path) -> None:
         read_records(path)
 
 
+def test_a_directory_is_not_a_data_file(tmp_path: Path) -> None:
+    with pytest.raises(DataFileError, match="is a directory, not a data file"):
+        read_records(tmp_path)
+
+
 # --- unused keys ----------------------------------------------------------------------------
 
 

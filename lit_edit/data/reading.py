@@ -82,6 +82,8 @@ def load_raw(path: str | Path) -> list[Any]:
             the line and column), or a single document's top level is not a list.
     """
     p = Path(path)
+    if p.is_dir():
+        raise DataFileError(str(path), "is a directory, not a data file (.json or .jsonl)")
     if not p.is_file():
         raise DataFileError(str(path), "no such file")
     suffix = p.suffix.lower()
