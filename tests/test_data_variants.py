@@ -133,6 +133,48 @@ def test_counterfact_flat_portability_and_subject_replace(tmp_path: Path) -> Non
     assert record.meta == {"case_id": 7, "recalled_relation": "(Ann, mother tongue, English)"}
 
 
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"portability": {"New Question": "Which country speaks Ann's tongue?", "New Answer": "UK"}},
+        {"alternative_subject": "Annie"},
+    ],
+)
+def test_counterfact_flat_variant_without_locality(tmp_path: Path, extra: dict) -> None:
+    raw = counterfact_raw(**extra)
+    del raw["locality_prompt"], raw["locality_ground_truth"]
+    result = read_records(write_json(tmp_path / "cf.json", [raw]))
+    assert result.format_name == "counterfact"
+    (record,) = result.records
+    assert record.locality == {}
+    assert record.portability == (
+        {"one_hop": (QAPair("Which country speaks Ann's tongue?", "UK"),)}
+        if "portability" in extra
+        else {"subject_replace": (QAPair("The mother tongue of Annie is", "English"),)}
+    )
+
+
+def test_knowedit_record_is_not_taken_for_counterfact(tmp_path: Path) -> None:
+    raw = {
+        "case_id": 1, "subject": "Ann", "prompt": "Ann lives in", "target_new": "Rome",
+        "ground_truth": "Oslo",
+        "portability": {"Reasoning": [{"prompt": "p", "ground_truth": "g"}]},
+    }
+    result = read_records(write_json(tmp_path / "k.json", [raw]))
+    assert result.format_name == "knowedit"
+    assert result.records[0].portability == {"Reasoning": (QAPair("p", "g"),)}
+
+
+def test_rome_variant_without_neighborhood_prompts(tmp_path: Path) -> None:
+    raw = rome_raw(alternative_subject="Camembert de Normandie")
+    del raw["neighborhood_prompts"]
+    (record,) = read_records(write_json(tmp_path / "rome.json", [raw])).records
+    assert record.locality == {}
+    assert record.portability == {
+        "subject_replace": (QAPair("Camembert de Normandie originates from", "Japan"),)
+    }
+
+
 def test_rome_portability_and_distracting_neighborhood(tmp_path: Path) -> None:
     raw = rome_raw(
         portability={"New Question": "Which continent is Camembert from?", "New Answer": "Asia"},

@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from lit_edit.data.base import RecordReader
+from lit_edit.data.counterfact import CounterFactReader
 from lit_edit.data.fields import RawRecord, json_type
 from lit_edit.records import EditRecord, QAPair, RecordError
 
@@ -52,13 +53,14 @@ class KnowEditReader(RecordReader):
     nested_used_keys = GROUP_ITEM_KEYS
 
     def matches(self, raw: Mapping[str, Any]) -> bool:
-        """Detect ``prompt`` + ``target_new`` without the flat locality fields of other formats."""
+        """Detect ``prompt`` + ``target_new`` without the fields of the flat formats."""
         return (
             "prompt" in raw
             and "target_new" in raw
             and "locality_prompt" not in raw
             and "src" not in raw
             and "requested_rewrite" not in raw
+            and not CounterFactReader().matches(raw)
         )
 
     def build(self, rec: RawRecord, source: str) -> EditRecord:
