@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from test_data_samples import (
     DATA,
+    conversation_raw,
     counterfact_raw,
     ft_config,
     needs_data,
@@ -18,7 +19,7 @@ from test_data_samples import (
     zsre_raw,
 )
 
-from lit_edit.data import WikiBioReader, read_records
+from lit_edit.data import WikiBioReader, read_conversations, read_records
 from lit_edit.data.check import main
 from lit_edit.records import DataFileError, EditRecord, QAPair, RecordError
 
@@ -416,3 +417,23 @@ def test_rome_groups_reach_the_evaluation_breakdown(tmp_path: Path) -> None:
     for key in ("locality/distracting", "locality/neighborhood", "portability/one_hop"):
         assert key in text, key
     assert summary["portability"] is not None
+
+
+def test_wise_temporal_ood_rephrase_reaches_the_evaluation_breakdown(tmp_path: Path) -> None:
+    """WISE temporal's ood_rephrase is scored as its own generalization group in summary.json."""
+    from lit_edit.cli import evaluate_main
+
+    raw = wise_raw(rephrase_prompt="About ann lee:", ood_rephrase="Ann lee, in a later year:")
+    path = ft_config(tmp_path, write_json(tmp_path / "temporal.json", [raw]))
+    evaluate_main(["--config", str(path)])
+    text = json.dumps(json.loads((tmp_path / "results" / "summary.json").read_text()))
+    for key in ("generalization/ood", "generalization/rephrase"):
+        assert key in text, key
+
+
+def test_unused_keys_of_conversation_turns_are_listed(tmp_path: Path) -> None:
+    turns = conversation_raw()["conversations"]
+    raw = conversation_raw(conversations=[{**turns[0], "markdown": "x"}, turns[1]], lang="en")
+    result = read_conversations(write_json(tmp_path / "lte.json", [raw, conversation_raw()]))
+    assert result.unused_keys == {"lang": 1}
+    assert result.unused_nested_keys == {"conversations.markdown": 1}
