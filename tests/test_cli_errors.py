@@ -327,3 +327,25 @@ def test_trained_editors_refuse_to_evaluate_without_a_checkpoint(
     assert "\n" not in message
     assert message.startswith(f"error: {name} must be trained before it is evaluated")
     assert "--ckpt_path" in message and "--allow_untrained true" in message
+
+
+def test_hub_name_of_a_scope_classifier_while_offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    message = command_line(
+        monkeypatch, train_main, "fit", "--config", str(ROOT / "configs/serac/tinyfacts.yaml"),
+        "--model.init_args.classifier", "lit-edit-tests/no-such-encoder",
+        "--trainer.logger", "false",
+    )
+    assert "scope classifier 'lit-edit-tests/no-such-encoder': not a local directory" in message
+    assert "give a local directory" in message and "as the scope classifier" in message
+
+
+def test_hub_name_of_a_sentence_encoder_while_offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    from lit_edit.nn.encoders import SentenceEncoder
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(BackboneNotFoundError) as info:
+        SentenceEncoder("lit-edit-tests/no-such-encoder").encode(["a"])
+    assert str(info.value).startswith(
+        "sentence encoder 'lit-edit-tests/no-such-encoder': not a local directory"
+    )
