@@ -142,3 +142,12 @@ def test_every_data_mistake_is_one_line_naming_the_file(
     assert out == ""
     assert err.count("\n") == 1 and err.startswith(f"error: {path}: "), err
     assert expected in err
+
+
+def test_traceback_on_request(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from lit_edit.records import DataFileError
+
+    path = write_json(tmp_path / "z.json", [zsre_raw(alt="")])
+    monkeypatch.setenv("LIT_EDIT_TRACEBACK", "1")
+    with pytest.raises(DataFileError, match="record 0, field 'alt': is empty"):
+        main([str(path)])

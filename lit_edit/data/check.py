@@ -8,13 +8,15 @@ For each file it prints ``<path>: <format>, <n> records``, what was skipped or d
 key the format does not use (top-level ones, kept in ``meta``, then those inside its nested
 objects, as dotted paths), with how many records have it, and the first record as normalised
 (JSON). The exit code is 0 when every file is valid, 1 when a file is
-malformed (or, with ``--skip-invalid``, has no valid record), 2 for a usage error.
+malformed (or, with ``--skip-invalid``, has no valid record), 2 for a usage error. An error is
+one ``error: <path>: ...`` line; ``LIT_EDIT_TRACEBACK=1`` raises it with its traceback instead.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any, TextIO
@@ -116,6 +118,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             result = read_file(path, args.format, args.skip_invalid)
         except DataFileError as e:
+            if os.environ.get("LIT_EDIT_TRACEBACK", "") not in ("", "0"):
+                raise
             print(f"error: {e}", file=sys.stderr)
             status = 1
             continue
