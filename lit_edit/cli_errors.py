@@ -177,8 +177,9 @@ def config_error_line(message: str) -> str:
     Returns:
         ``"config key 'model.init_args.lrr' is not accepted by lit_edit.methods.FTEditor; close
         matches: lr"`` for an unknown init argument, ``"unknown option '--trainer.max_stepz';
-        close matches: --trainer.max_steps"`` for an unknown option, else the message's lines
-        joined.
+        close matches: --trainer.max_steps"`` for an unknown option, ``"config key
+        'trainr.max_steps' is not accepted; close matches: trainer.max_steps"`` for an unknown
+        key of a config file, else the message's lines joined.
     """
     option = re.search(r"Option '([^']+)' is not accepted", message)
     section = re.search(r'Parser key "([^"]+)"', message)
@@ -195,19 +196,37 @@ def config_error_line(message: str) -> str:
     unknown = re.search(r"unrecognized arguments: (--[^\s=]+)", message)
     if unknown:
         key = unknown.group(1).removeprefix("--")
-        head, _, last = key.rpartition(".")
-        owners = {"trainer": Trainer, "evaluation": Evaluation}
-        if head in owners:
-            known = [f"{head}.{n}" for n in _parameters(owners[head])]
-        else:
-            known = [
-                "config", "seed_everything", "trainer", "model", "data", "evaluation", "threads",
-                "allow_untrained", "ckpt_path", "optimizer", "lr_scheduler",
-            ]
-        close = difflib.get_close_matches(key, known, n=3)
+        close = _close_keys(key)
         hint = f"; close matches: {', '.join('--' + c for c in close)}" if close else ""
         return f"unknown option '--{key}'{hint}"
+    in_file = re.search(r"Subcommand '[^']+' does not accept option '([^']+)'", message)
+    if in_file:  # a key of a config file
+        key = in_file.group(1)
+        close = _close_keys(key)
+        hint = f"; close matches: {', '.join(close)}" if close else ""
+        return f"config key '{key}' is not accepted{hint}"
     return " ".join(message.split())
+
+
+def _close_keys(key: str) -> list[str]:
+    """Known keys close to an unknown dotted config key (at most three).
+
+    ``trainer.<x>`` and ``evaluation.<x>`` are matched against the Trainer's and
+    :class:`~lit_edit.evaluation.Evaluation`'s arguments; any other key against the top-level
+    keys, by its first part (``trainr.max_steps`` → ``trainer.max_steps``).
+    """
+    head, _, _ = key.rpartition(".")
+    owners = {"trainer": Trainer, "evaluation": Evaluation}
+    if head in owners:
+        known = [f"{head}.{n}" for n in _parameters(owners[head])]
+        return difflib.get_close_matches(key, known, n=3)
+    top_level = (
+        "config", "seed_everything", "trainer", "model", "data", "evaluation", "threads",
+        "allow_untrained", "ckpt_path", "optimizer", "lr_scheduler",
+    )
+    first, dot, rest = key.partition(".")
+    close = difflib.get_close_matches(first, top_level, n=3)
+    return [f"{c}{dot}{rest}" for c in close if c != first]
 
 
 def _user_error(error: BaseException) -> BaseException | None:

@@ -349,3 +349,38 @@ def test_hub_name_of_a_sentence_encoder_while_offline(monkeypatch: pytest.Monkey
     assert str(info.value).startswith(
         "sentence encoder 'lit-edit-tests/no-such-encoder': not a local directory"
     )
+
+
+@pytest.mark.parametrize(
+    ("settings", "expected"),
+    [
+        (
+            {"trainr": {"max_steps": 3}},
+            "config key 'trainr.max_steps' is not accepted; close matches: trainer.max_steps",
+        ),
+        (
+            {"trainer": {"max_stepz": 3}},
+            "config key 'trainer.max_stepz' is not accepted; close matches: trainer.max_steps",
+        ),
+        (
+            {"evaluation": {"protocl": None}},
+            "config key 'evaluation.protocl' is not accepted; close matches: evaluation.protocol",
+        ),
+    ],
+)
+def test_unknown_key_of_a_config_file_and_its_close_matches(
+    settings: dict, expected: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    overlay = tmp_path / "typo.yaml"
+    overlay.write_text(yaml.safe_dump(settings))
+    message = command_line(monkeypatch, evaluate_main, "--config", FT, "--config", str(overlay))
+    assert expected in message and "Subcommand 'test'" not in message
+    args = ["fit", "--config", MEND, "--config", str(overlay)]
+    assert expected in command_line(monkeypatch, train_main, *args)
+
+
+def test_unknown_top_level_option_is_matched_by_its_first_part(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    message = command_line(monkeypatch, evaluate_main, "--config", FT, "--modl.init_args.lr", "1")
+    assert "unknown option '--modl.init_args.lr'; close matches: --model.init_args.lr" in message
