@@ -179,7 +179,10 @@ def config_error_line(message: str) -> str:
         matches: lr"`` for an unknown init argument, ``"unknown option '--trainer.max_stepz';
         close matches: --trainer.max_steps"`` for an unknown option, ``"config key
         'trainr.max_steps' is not accepted; close matches: trainer.max_steps"`` for an unknown
-        key of a config file, else the message's lines joined.
+        key of a config file, ``"config key 'model.class_path': lit_edit.methods has no class
+        'FTEditr'; close matches: lit_edit.methods.FTEditor"`` for an unknown class, ``"config
+        key 'model.init_args.lr': expected a float, got 'abc'"`` for a value of the wrong type,
+        else the message's lines joined.
     """
     option = re.search(r"Option '([^']+)' is not accepted", message)
     section = re.search(r'Parser key "([^"]+)"', message)
@@ -193,6 +196,23 @@ def config_error_line(message: str) -> str:
             f"config key '{where}{option.group(1)}' is not accepted by "
             f"{class_path.group(1)}{hint}"
         )
+    missing = re.search(
+        r"class_path '[^']+':\s+module '([^']+)' has no attribute '([^']+)'", message
+    )
+    if missing:
+        module_name, name = missing.groups()
+        module = importlib.import_module(module_name)
+        known = [n for n, v in vars(module).items() if isinstance(v, type)]
+        close = difflib.get_close_matches(name, known, n=3)
+        hint = f"; close matches: {', '.join(f'{module_name}.{c}' for c in close)}" if close else ""
+        where = f"{section.group(1)}.class_path" if section else "class_path"
+        return f"config key '{where}': {module_name} has no class {name!r}{hint}"
+    value = re.search(r"Expected a <class '([^']+)'>\. Got value: ([^\n]*)", message)
+    if value:
+        keys = re.findall(r'Parser key "([^"]+)"', message)
+        key = keys[0] if len(keys) < 2 else f"{keys[0]}.init_args.{keys[-1]}"
+        kind, given = value.group(1), value.group(2).strip()
+        return f"config key '{key}': expected {_article(kind)} {kind}, got {given!r}"
     unknown = re.search(r"unrecognized arguments: (--[^\s=]+)", message)
     if unknown:
         key = unknown.group(1).removeprefix("--")
@@ -206,6 +226,11 @@ def config_error_line(message: str) -> str:
         hint = f"; close matches: {', '.join(close)}" if close else ""
         return f"config key '{key}' is not accepted{hint}"
     return " ".join(message.split())
+
+
+def _article(word: str) -> str:
+    """``"an"`` before a vowel, else ``"a"``."""
+    return "an" if word[:1] in "aeiou" else "a"
 
 
 def _close_keys(key: str) -> list[str]:

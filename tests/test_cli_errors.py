@@ -384,3 +384,30 @@ def test_unknown_top_level_option_is_matched_by_its_first_part(
 ) -> None:
     message = command_line(monkeypatch, evaluate_main, "--config", FT, "--modl.init_args.lr", "1")
     assert "unknown option '--modl.init_args.lr'; close matches: --model.init_args.lr" in message
+
+
+@pytest.mark.parametrize(
+    ("settings", "expected"),
+    [
+        (
+            {"model": {"class_path": "lit_edit.methods.FTEditr"}},
+            "config key 'model.class_path': lit_edit.methods has no class 'FTEditr'; close "
+            "matches: lit_edit.methods.FTEditor",
+        ),
+        (
+            {"model": {"init_args": {"lr": "abc"}}},
+            "config key 'model.init_args.lr': expected a float, got 'abc'",
+        ),
+        (
+            {"trainer": {"max_steps": "abc"}},
+            "config key 'trainer.max_steps': expected an int, got 'abc'",
+        ),
+    ],
+)
+def test_unknown_class_and_wrong_value_type_are_one_line(
+    settings: dict, expected: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    overlay = tmp_path / "bad.yaml"
+    overlay.write_text(yaml.safe_dump(settings))
+    message = command_line(monkeypatch, evaluate_main, "--config", FT, "--config", str(overlay))
+    assert expected in message and "Union subtypes" not in message
