@@ -74,33 +74,45 @@ class Backbone:
 
 
 class BackboneNotFoundError(OSError):
-    """A backbone name that is neither a local directory nor loadable from the hub (cache).
+    """A model name that is neither a local directory nor loadable from the hub (cache).
 
     Args:
         name_or_path: What was looked up.
         error: The loader's error.
+        role: What the model is for, in the message: ``"backbone"``, ``"scope classifier"``, ...
     """
 
-    def __init__(self, name_or_path: str, error: Exception) -> None:
+    def __init__(self, name_or_path: str, error: Exception, role: str = "backbone") -> None:
         offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
         why = "the hub is offline (HF_HUB_OFFLINE=1)" if offline else "the hub did not give it"
         super().__init__(
-            f"backbone {name_or_path!r}: not a local directory, not in the Hugging Face cache, "
+            f"{role} {name_or_path!r}: not a local directory, not in the Hugging Face cache, "
             f"and {why}; give a local directory holding config.json, the weights and the "
-            f"tokenizer (e.g. written by save_pretrained) as the backbone ({type(error).__name__})"
+            f"tokenizer (e.g. written by save_pretrained) as the {role} ({type(error).__name__})"
         )
         self.name_or_path = name_or_path
+        self.role = role
 
 
 @contextlib.contextmanager
-def _not_found_as_one_error(name_or_path: str, path: str) -> Iterator[None]:
-    """Raise :class:`BackboneNotFoundError` for a hub name that cannot be loaded."""
+def hub_model_errors(name_or_path: str, path: str, role: str = "backbone") -> Iterator[None]:
+    """Turn the loader's error for a hub name that cannot be loaded into one clear error.
+
+    Args:
+        name_or_path: The name the user gave.
+        path: What it resolved to (an existing path's errors are passed on unchanged).
+        role: What the model is for (see :class:`BackboneNotFoundError`).
+
+    Raises:
+        BackboneNotFoundError: when loading ``path``, which does not exist, fails with an
+            ``OSError`` (not in the cache, the hub offline or unreachable).
+    """
     try:
         yield
     except OSError as e:
-        if Path(path).exists():
+        if Path(path).exists() or isinstance(e, BackboneNotFoundError):
             raise
-        raise BackboneNotFoundError(name_or_path, e) from e
+        raise BackboneNotFoundError(name_or_path, e, role) from e
 
 
 def resolve_model_path(name_or_path: str) -> str:
@@ -141,7 +153,7 @@ def load_tokenizer(
         The tokenizer.
     """
     path = resolve_model_path(name_or_path)
-    with _not_found_as_one_error(name_or_path, path):
+    with hub_model_errors(name_or_path, path):
         tokenizer = AutoTokenizer.from_pretrained(
             path, trust_remote_code=trust_remote_code, revision=revision
         )
@@ -177,7 +189,7 @@ def load_causal_lm(
     if dtype not in dtypes:
         raise ValueError(f"dtype must be one of {sorted(dtypes)}, got {dtype!r}")
     path = resolve_model_path(name_or_path)
-    with _not_found_as_one_error(name_or_path, path):
+    with hub_model_errors(name_or_path, path):
         model = AutoModelForCausalLM.from_pretrained(
             path,
             dtype=dtypes[dtype],

@@ -24,11 +24,12 @@ from lightning.pytorch.core import LightningDataModule
 import lit_edit.data.datamodule  # noqa: F401  (registers the DataModules for short class names)
 import lit_edit.data.tinyfacts  # noqa: F401
 from lit_edit.cli_errors import (
-    CheckpointError,
     ConfigFileError,
+    check_checkpoint_class,
     check_config_files,
     one_line_errors,
     read_checkpoint,
+    weights_mismatch,
 )
 from lit_edit.evaluation import Evaluation
 from lit_edit.links import connect
@@ -72,10 +73,15 @@ class LitEditCLI(LightningCLI):
 
     Args:
         args: Command-line arguments (``None`` reads ``sys.argv``).
+        test_prog: The program name of the ``test`` subcommand's usage line (``evaluate.py``
+            runs only ``test`` and prints ``usage: evaluate.py ...``); ``None``: Lightning's.
         **kwargs: Passed to :class:`~lightning.pytorch.cli.LightningCLI`.
     """
 
-    def __init__(self, args: Sequence[str] | None = None, **kwargs: object) -> None:
+    def __init__(
+        self, args: Sequence[str] | None = None, test_prog: str | None = None, **kwargs: object
+    ) -> None:
+        self._test_prog = test_prog
         _show_progress_logs()
         # Lightning warnings that are by design here, silenced so that real ones stand out:
         # EditorModule and EditDataModule both move record batches safely (same function);
@@ -122,11 +128,8 @@ class LitEditCLI(LightningCLI):
         saved.pop("_instantiator", None)
         saved_class = saved.pop("_class_path", None)
         model = _plain(config.get("model")) or {}
-        if saved_class and model.get("class_path") and saved_class != model["class_path"]:
-            raise CheckpointError(
-                f"{ckpt_path} holds a {saved_class} but the config's model is "
-                f"{model['class_path']}: evaluate it with that editor's config"
-            )
+        if model.get("class_path"):
+            check_checkpoint_class(ckpt_path, saved_class, model["class_path"])
         init_args = model.get("init_args") or {}
         for key in sorted(saved):
             if key in init_args and _plain(init_args[key]) != saved[key]:
@@ -134,6 +137,33 @@ class LitEditCLI(LightningCLI):
                     "%s was trained with %s=%r; this run uses %s=%r (from the config)",
                     ckpt_path, key, saved[key], key, _plain(init_args[key]),
                 )
+
+    def setup_parser(self, add_subcommands: bool, main_kwargs: dict[str, Any],
+                     subparser_kwargs: dict[str, Any]) -> None:
+        """Build the parser; ``evaluate.py``'s usage line is its own, not ``[options] test``.
+
+        Args:
+            add_subcommands: Whether the parser has subcommands (always, here).
+            main_kwargs: Arguments of the main parser.
+            subparser_kwargs: Arguments of the subcommand parsers.
+        """
+        super().setup_parser(add_subcommands, main_kwargs, subparser_kwargs)
+        if self._test_prog is not None and add_subcommands:
+            self._subcommand_parsers["test"].prog = self._test_prog
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        """Run the subcommand; weights of a checkpoint that do not fit the editor: one line.
+
+        Raises:
+            CheckpointError: when ``--ckpt_path``'s weights do not load into the editor.
+        """
+        try:
+            super()._run_subcommand(subcommand)
+        except RuntimeError as e:
+            ckpt_path = self.config[subcommand].get("ckpt_path")
+            if not ckpt_path or "Error(s) in loading state_dict" not in str(e):
+                raise
+            raise weights_mismatch(ckpt_path, read_checkpoint(ckpt_path), self.model) from e
 
     def add_arguments_to_parser(self, parser) -> None:  # noqa: ANN001 (jsonargparse parser)
         """Add the top-level ``evaluation`` group and the ``threads`` setting.
@@ -266,7 +296,9 @@ def evaluate_main(args: Sequence[str] | None = None) -> LitEditCLI:
                 " (python evaluate.py --help lists every option)"
             )
         check_config_files(argv)
-        return LitEditCLI(args=["test", *argv], **_command_line_parsing(args is None))
+        return LitEditCLI(
+            args=["test", *argv], test_prog="evaluate.py", **_command_line_parsing(args is None)
+        )
 
 
 def _command_line_parsing(enabled: bool) -> dict[str, Any]:

@@ -55,7 +55,69 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         ) from e
     if not isinstance(saved, dict) or "state_dict" not in saved:
         raise CheckpointError(f"{path}: not a lit_edit checkpoint (no state_dict in it)")
+    if "pytorch-lightning_version" not in saved:
+        raise CheckpointError(
+            f"{path}: not a lit_edit checkpoint (another class: not written by a Lightning "
+            "Trainer, no 'pytorch-lightning_version' in it)"
+        )
     return saved
+
+
+def check_checkpoint_class(path: str | Path, saved_class: str | None, config_class: str) -> None:
+    """Refuse a checkpoint whose saved class is not an editor, or not the config's editor.
+
+    Args:
+        path: The checkpoint file.
+        saved_class: The ``_class_path`` saved in its hyperparameters (``None``: not saved).
+        config_class: The config's ``model.class_path``.
+
+    Raises:
+        CheckpointError: naming the path and both classes.
+    """
+    from lit_edit.methods import EditorModule
+
+    if not saved_class or saved_class == config_class:
+        return
+    saved = _import(saved_class)
+    if not (isinstance(saved, type) and issubclass(saved, EditorModule)):
+        raise CheckpointError(
+            f"{path}: not a lit_edit checkpoint (another class: {saved_class}, not an editor)"
+        )
+    raise CheckpointError(
+        f"{path} holds a {saved_class} but the config's model is {config_class}: evaluate it "
+        "with that editor's config"
+    )
+
+
+def weights_mismatch(
+    path: str | Path, saved: dict[str, Any], model: torch.nn.Module
+) -> CheckpointError:
+    """The one-line error for a checkpoint whose weights do not fit the configured editor.
+
+    Args:
+        path: The checkpoint file.
+        saved: Its contents (:func:`read_checkpoint`).
+        model: The editor the weights were loaded into.
+
+    Returns:
+        ``"<path>: not a lit_edit checkpoint of X (another class: ...)"`` when the checkpoint
+        does not name ``X`` as its class, else an error saying the settings differ; both give
+        the number of missing and unexpected weights and the first of each.
+    """
+    name = type(model).__name__
+    expected, found = set(model.state_dict()), set(saved.get("state_dict") or {})
+    missing, unexpected = sorted(expected - found), sorted(found - expected)
+    counts = (
+        f"{len(missing)} of its weights missing{f' (e.g. {missing[0]!r})' if missing else ''}, "
+        f"{len(unexpected)} unexpected{f' (e.g. {unexpected[0]!r})' if unexpected else ''}"
+    )
+    saved_class = (saved.get("hyper_parameters") or {}).get("_class_path")
+    if saved_class and saved_class.rpartition(".")[2] == name:
+        return CheckpointError(
+            f"{path}: the {name} checkpoint's weights do not fit this config ({counts}): use the "
+            "settings it was trained with"
+        )
+    return CheckpointError(f"{path}: not a lit_edit checkpoint of {name} (another class: {counts})")
 
 
 def check_config_files(args: Sequence[str]) -> None:
@@ -115,8 +177,12 @@ def config_error_line(message: str) -> str:
     Returns:
         ``"config key 'model.init_args.lrr' is not accepted by lit_edit.methods.FTEditor; close
         matches: lr"`` for an unknown init argument, ``"unknown option '--trainer.max_stepz';
-        close matches: --trainer.max_steps"`` for an unknown option, else the message's lines
-        joined.
+        close matches: --trainer.max_steps"`` for an unknown option, ``"config key
+        'trainr.max_steps' is not accepted; close matches: trainer.max_steps"`` for an unknown
+        key of a config file, ``"config key 'model.class_path': lit_edit.methods has no class
+        'FTEditr'; close matches: lit_edit.methods.FTEditor"`` for an unknown class, ``"config
+        key 'model.init_args.lr': expected a float, got 'abc'"`` for a value of the wrong type,
+        else the message's lines joined.
     """
     option = re.search(r"Option '([^']+)' is not accepted", message)
     section = re.search(r'Parser key "([^"]+)"', message)
@@ -130,22 +196,62 @@ def config_error_line(message: str) -> str:
             f"config key '{where}{option.group(1)}' is not accepted by "
             f"{class_path.group(1)}{hint}"
         )
+    missing = re.search(
+        r"class_path '[^']+':\s+module '([^']+)' has no attribute '([^']+)'", message
+    )
+    if missing:
+        module_name, name = missing.groups()
+        module = importlib.import_module(module_name)
+        known = [n for n, v in vars(module).items() if isinstance(v, type)]
+        close = difflib.get_close_matches(name, known, n=3)
+        hint = f"; close matches: {', '.join(f'{module_name}.{c}' for c in close)}" if close else ""
+        where = f"{section.group(1)}.class_path" if section else "class_path"
+        return f"config key '{where}': {module_name} has no class {name!r}{hint}"
+    value = re.search(r"Expected a <class '([^']+)'>\. Got value: ([^\n]*)", message)
+    if value:
+        keys = re.findall(r'Parser key "([^"]+)"', message)
+        key = keys[0] if len(keys) < 2 else f"{keys[0]}.init_args.{keys[-1]}"
+        kind, given = value.group(1), value.group(2).strip()
+        return f"config key '{key}': expected {_article(kind)} {kind}, got {given!r}"
     unknown = re.search(r"unrecognized arguments: (--[^\s=]+)", message)
     if unknown:
         key = unknown.group(1).removeprefix("--")
-        head, _, last = key.rpartition(".")
-        owners = {"trainer": Trainer, "evaluation": Evaluation}
-        if head in owners:
-            known = [f"{head}.{n}" for n in _parameters(owners[head])]
-        else:
-            known = [
-                "config", "seed_everything", "trainer", "model", "data", "evaluation", "threads",
-                "allow_untrained", "ckpt_path", "optimizer", "lr_scheduler",
-            ]
-        close = difflib.get_close_matches(key, known, n=3)
+        close = _close_keys(key)
         hint = f"; close matches: {', '.join('--' + c for c in close)}" if close else ""
         return f"unknown option '--{key}'{hint}"
+    in_file = re.search(r"Subcommand '[^']+' does not accept option '([^']+)'", message)
+    if in_file:  # a key of a config file
+        key = in_file.group(1)
+        close = _close_keys(key)
+        hint = f"; close matches: {', '.join(close)}" if close else ""
+        return f"config key '{key}' is not accepted{hint}"
     return " ".join(message.split())
+
+
+def _article(word: str) -> str:
+    """``"an"`` before a vowel, else ``"a"``."""
+    return "an" if word[:1] in "aeiou" else "a"
+
+
+def _close_keys(key: str) -> list[str]:
+    """Known keys close to an unknown dotted config key (at most three).
+
+    ``trainer.<x>`` and ``evaluation.<x>`` are matched against the Trainer's and
+    :class:`~lit_edit.evaluation.Evaluation`'s arguments; any other key against the top-level
+    keys, by its first part (``trainr.max_steps`` → ``trainer.max_steps``).
+    """
+    head, _, _ = key.rpartition(".")
+    owners = {"trainer": Trainer, "evaluation": Evaluation}
+    if head in owners:
+        known = [f"{head}.{n}" for n in _parameters(owners[head])]
+        return difflib.get_close_matches(key, known, n=3)
+    top_level = (
+        "config", "seed_everything", "trainer", "model", "data", "evaluation", "threads",
+        "allow_untrained", "ckpt_path", "optimizer", "lr_scheduler",
+    )
+    first, dot, rest = key.partition(".")
+    close = difflib.get_close_matches(first, top_level, n=3)
+    return [f"{c}{dot}{rest}" for c in close if c != first]
 
 
 def _user_error(error: BaseException) -> BaseException | None:

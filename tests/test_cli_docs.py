@@ -42,3 +42,25 @@ def test_evaluate_prints_the_tables_in_the_readme_order(
     prepost, path = out.find("| Metric | Pre-edit | Post-edit |"), out.find("Results written to")
     assert 0 <= rich < knowedit < prepost < path
     assert out.count("| Method |") == 1
+    # the printed KnowEdit-layout columns are the README method table's, in its order (the
+    # README adds the command to the method column and the wall time at the end)
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    documented = next(
+        line for line in readme.splitlines() if line.startswith("| method (command) |")
+    )
+    printed = next(line for line in out.splitlines() if line.startswith("| Method |"))
+    columns = [c.strip() for c in documented.strip("|").split("|")]
+    assert columns[0] == "method (command)" and columns[-1] == "wall"
+    assert [c.strip() for c in printed.strip("|").split("|")] == ["Method", *columns[1:-1]]
+
+
+def test_readme_data_table_has_a_row_per_format() -> None:
+    """Every format a reader reads has its row (format, files, fields → groups) in README Data."""
+    from lit_edit.data.detect import available_readers
+
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = readme.split("\n## Data\n", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("| `")]
+    documented = [row.split("|")[1].strip().strip("`") for row in rows]
+    assert sorted(documented) == sorted(r.format_name for r in available_readers())
+    assert all(row.count("|") == 7 for row in rows)  # six columns, none left out

@@ -213,3 +213,201 @@ def test_train_unknown_key_and_bad_checkpoint_are_one_line(
         monkeypatch, train_main, "fit", "--config", MEND, "--ckpt_path", str(ckpt)
     )
     assert f"{ckpt}: not a lit_edit checkpoint (truncated or not a torch checkpoint" in message
+
+
+def _lightning_checkpoint(
+    path: Path, state: dict[str, torch.Tensor], class_path: str | None
+) -> Path:
+    """A checkpoint file as a Lightning Trainer writes it, of the class ``class_path``."""
+    hparams = {} if class_path is None else {"_class_path": class_path}
+    torch.save(
+        {"state_dict": state, "hyper_parameters": hparams, "pytorch-lightning_version": "2.6.6"},
+        path,
+    )
+    return path
+
+
+def test_checkpoint_not_written_by_lightning(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ckpt = tmp_path / "plain.ckpt"
+    torch.save({"state_dict": {"layer.weight": torch.zeros(2)}}, ckpt)
+    message = command_line(monkeypatch, evaluate_main, "--config", FT, "--ckpt_path", str(ckpt))
+    assert f"{ckpt}: not a lit_edit checkpoint (another class: not written by a Lightning" in (
+        message
+    )
+
+
+def test_checkpoint_of_a_class_that_is_not_an_editor(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ckpt = _lightning_checkpoint(tmp_path / "lin.ckpt", {"w": torch.zeros(1)}, "torch.nn.Linear")
+    args = ["fit", "--config", MEND, "--ckpt_path", str(ckpt)]
+    message = command_line(monkeypatch, train_main, *args)
+    assert f"{ckpt}: not a lit_edit checkpoint (another class: torch.nn.Linear, not an editor)" in (
+        message
+    )
+
+
+def test_checkpoint_of_another_editor(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    ckpt = _lightning_checkpoint(
+        tmp_path / "mend.ckpt", {"w": torch.zeros(1)}, "lit_edit.methods.MENDEditor"
+    )
+    message = command_line(monkeypatch, evaluate_main, "--config", FT, "--ckpt_path", str(ckpt))
+    assert (
+        f"{ckpt} holds a lit_edit.methods.MENDEditor but the config's model is "
+        "lit_edit.methods.FTEditor" in message
+    )
+
+
+def test_checkpoint_whose_weights_are_another_models(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No class saved, foreign weights: torch's multi-line key listing becomes one line."""
+    ckpt = _lightning_checkpoint(tmp_path / "other.ckpt", {"layer.weight": torch.zeros(2)}, None)
+    args = ["--config", FT, "--ckpt_path", str(ckpt), "--trainer.logger", "false"]
+    message = command_line(monkeypatch, evaluate_main, *args)
+    assert f"{ckpt}: not a lit_edit checkpoint of FTEditor (another class: " in message
+    # the tiny GPT-2's tensors: 2 blocks x 12 (ln_1, attn c_attn/c_proj, ln_2, mlp c_fc/c_proj,
+    # each weight and bias) + wte + wpe + ln_f weight and bias + lm_head = 29
+    assert "29 of its weights missing" in message
+    assert "1 unexpected (e.g. 'layer.weight')" in message
+    same_class = _lightning_checkpoint(
+        tmp_path / "ft.ckpt", {"layer.weight": torch.zeros(2)}, "lit_edit.methods.FTEditor"
+    )
+    args[3] = str(same_class)
+    message = command_line(monkeypatch, evaluate_main, *args)
+    assert f"{same_class}: the FTEditor checkpoint's weights do not fit this config" in message
+
+
+def test_train_hub_name_while_offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    message = command_line(
+        monkeypatch, train_main, "fit", "--config", MEND,
+        "--model.init_args.backbone", "lit-edit-tests/no-such-model",
+    )
+    assert "backbone 'lit-edit-tests/no-such-model': not a local directory" in message
+    assert "give a local directory" in message
+
+
+def test_train_traceback_on_request(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    ckpt = tmp_path / "empty.ckpt"
+    ckpt.write_bytes(b"")
+    argv = ["train.py", "fit", "--config", MEND, "--ckpt_path", str(ckpt)]
+    monkeypatch.setattr(sys, "argv", argv)
+    monkeypatch.setenv("LIT_EDIT_TRACEBACK", "1")
+    with pytest.raises(CheckpointError, match="empty file"):
+        train_main()
+
+
+def test_evaluate_help_usage_line_is_its_own(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(sys, "argv", ["evaluate.py", "--help"])
+    with pytest.raises(SystemExit):
+        evaluate_main()
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first.startswith("usage: evaluate.py [-c CONFIG]"), first
+    assert "test" not in first and "{fit,validate,test,predict}" not in first
+
+
+@pytest.mark.parametrize(
+    ("config", "name"),
+    [("mend", "MENDEditor"), ("serac", "SERACEditor"), ("lte", "LTEEditor")],
+)
+def test_trained_editors_refuse_to_evaluate_without_a_checkpoint(
+    config: str, name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(
+        sys, "argv", ["evaluate.py", "--config", str(ROOT / "configs" / config / "tinyfacts.yaml")]
+    )
+    with pytest.raises(SystemExit) as info:
+        evaluate_main()
+    message = str(info.value.code)
+    assert "\n" not in message
+    assert message.startswith(f"error: {name} must be trained before it is evaluated")
+    assert "--ckpt_path" in message and "--allow_untrained true" in message
+
+
+def test_hub_name_of_a_scope_classifier_while_offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    message = command_line(
+        monkeypatch, train_main, "fit", "--config", str(ROOT / "configs/serac/tinyfacts.yaml"),
+        "--model.init_args.classifier", "lit-edit-tests/no-such-encoder",
+        "--trainer.logger", "false",
+    )
+    assert "scope classifier 'lit-edit-tests/no-such-encoder': not a local directory" in message
+    assert "give a local directory" in message and "as the scope classifier" in message
+
+
+def test_hub_name_of_a_sentence_encoder_while_offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    from lit_edit.nn.encoders import SentenceEncoder
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(BackboneNotFoundError) as info:
+        SentenceEncoder("lit-edit-tests/no-such-encoder").encode(["a"])
+    assert str(info.value).startswith(
+        "sentence encoder 'lit-edit-tests/no-such-encoder': not a local directory"
+    )
+
+
+@pytest.mark.parametrize(
+    ("settings", "expected"),
+    [
+        (
+            {"trainr": {"max_steps": 3}},
+            "config key 'trainr.max_steps' is not accepted; close matches: trainer.max_steps",
+        ),
+        (
+            {"trainer": {"max_stepz": 3}},
+            "config key 'trainer.max_stepz' is not accepted; close matches: trainer.max_steps",
+        ),
+        (
+            {"evaluation": {"protocl": None}},
+            "config key 'evaluation.protocl' is not accepted; close matches: evaluation.protocol",
+        ),
+    ],
+)
+def test_unknown_key_of_a_config_file_and_its_close_matches(
+    settings: dict, expected: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    overlay = tmp_path / "typo.yaml"
+    overlay.write_text(yaml.safe_dump(settings))
+    message = command_line(monkeypatch, evaluate_main, "--config", FT, "--config", str(overlay))
+    assert expected in message and "Subcommand 'test'" not in message
+    args = ["fit", "--config", MEND, "--config", str(overlay)]
+    assert expected in command_line(monkeypatch, train_main, *args)
+
+
+def test_unknown_top_level_option_is_matched_by_its_first_part(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    message = command_line(monkeypatch, evaluate_main, "--config", FT, "--modl.init_args.lr", "1")
+    assert "unknown option '--modl.init_args.lr'; close matches: --model.init_args.lr" in message
+
+
+@pytest.mark.parametrize(
+    ("settings", "expected"),
+    [
+        (
+            {"model": {"class_path": "lit_edit.methods.FTEditr"}},
+            "config key 'model.class_path': lit_edit.methods has no class 'FTEditr'; close "
+            "matches: lit_edit.methods.FTEditor",
+        ),
+        (
+            {"model": {"init_args": {"lr": "abc"}}},
+            "config key 'model.init_args.lr': expected a float, got 'abc'",
+        ),
+        (
+            {"trainer": {"max_steps": "abc"}},
+            "config key 'trainer.max_steps': expected an int, got 'abc'",
+        ),
+    ],
+)
+def test_unknown_class_and_wrong_value_type_are_one_line(
+    settings: dict, expected: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    overlay = tmp_path / "bad.yaml"
+    overlay.write_text(yaml.safe_dump(settings))
+    message = command_line(monkeypatch, evaluate_main, "--config", FT, "--config", str(overlay))
+    assert expected in message and "Union subtypes" not in message

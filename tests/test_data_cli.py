@@ -108,3 +108,46 @@ def test_shared_files_all_valid(capsys: pytest.CaptureFixture[str]) -> None:
     out = capsys.readouterr().out
     assert f"{DATA / 'counterfact/counterfact-edit.json'}: counterfact, 10000 records" in out
     assert f"{DATA / 'wise/hallucination/hallucination-train.json'}: wise, 306 records" in out
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "expected"),
+    [
+        ("broken.json", '[\n  {"src": "a",\n   "alt": }\n]\n', "line 3, column 11: not valid JSON"),
+        (
+            "lines.json",
+            json.dumps(zsre_raw()) + "\n{oops\n",
+            "line 2, column 2: not valid JSON (Expecting property name enclosed in double quotes)"
+            " (read as JSON Lines: the file holds several values)",
+        ),
+        ("top.json", '{"data": []}', "expected a JSON list of records at the top level"),
+        ("keys.json", '[{"question": "q", "answer": "a"}]', "record 0: cannot detect the data"),
+        ("field.json", json.dumps([{**zsre_raw(), "answers": 3}]), "record 0, field 'answers'"),
+        ("notes.txt", "[]", "unsupported extension '.txt'"),
+        ("folder.json", None, "is a directory, not a data file"),
+        ("absent.json", "", "no such file"),
+    ],
+)
+def test_every_data_mistake_is_one_line_naming_the_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], name: str, content: str | None,
+    expected: str,
+) -> None:
+    path = tmp_path / name
+    if content is None:
+        path.mkdir()
+    elif name != "absent.json":
+        path.write_text(content, encoding="utf-8")
+    assert main([str(path)]) == 1
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.count("\n") == 1 and err.startswith(f"error: {path}: "), err
+    assert expected in err
+
+
+def test_traceback_on_request(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from lit_edit.records import DataFileError
+
+    path = write_json(tmp_path / "z.json", [zsre_raw(alt="")])
+    monkeypatch.setenv("LIT_EDIT_TRACEBACK", "1")
+    with pytest.raises(DataFileError, match="record 0, field 'alt': is empty"):
+        main([str(path)])

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from test_data_samples import (
     DATA,
+    conversation_raw,
     counterfact_raw,
     ft_config,
     needs_data,
@@ -18,7 +19,7 @@ from test_data_samples import (
     zsre_raw,
 )
 
-from lit_edit.data import WikiBioReader, read_records
+from lit_edit.data import WikiBioReader, read_conversations, read_records
 from lit_edit.data.check import main
 from lit_edit.records import DataFileError, EditRecord, QAPair, RecordError
 
@@ -133,6 +134,48 @@ def test_counterfact_flat_portability_and_subject_replace(tmp_path: Path) -> Non
     assert record.meta == {"case_id": 7, "recalled_relation": "(Ann, mother tongue, English)"}
 
 
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"portability": {"New Question": "Which country speaks Ann's tongue?", "New Answer": "UK"}},
+        {"alternative_subject": "Annie"},
+    ],
+)
+def test_counterfact_flat_variant_without_locality(tmp_path: Path, extra: dict) -> None:
+    raw = counterfact_raw(**extra)
+    del raw["locality_prompt"], raw["locality_ground_truth"]
+    result = read_records(write_json(tmp_path / "cf.json", [raw]))
+    assert result.format_name == "counterfact"
+    (record,) = result.records
+    assert record.locality == {}
+    assert record.portability == (
+        {"one_hop": (QAPair("Which country speaks Ann's tongue?", "UK"),)}
+        if "portability" in extra
+        else {"subject_replace": (QAPair("The mother tongue of Annie is", "English"),)}
+    )
+
+
+def test_knowedit_record_is_not_taken_for_counterfact(tmp_path: Path) -> None:
+    raw = {
+        "case_id": 1, "subject": "Ann", "prompt": "Ann lives in", "target_new": "Rome",
+        "ground_truth": "Oslo",
+        "portability": {"Reasoning": [{"prompt": "p", "ground_truth": "g"}]},
+    }
+    result = read_records(write_json(tmp_path / "k.json", [raw]))
+    assert result.format_name == "knowedit"
+    assert result.records[0].portability == {"Reasoning": (QAPair("p", "g"),)}
+
+
+def test_rome_variant_without_neighborhood_prompts(tmp_path: Path) -> None:
+    raw = rome_raw(alternative_subject="Camembert de Normandie")
+    del raw["neighborhood_prompts"]
+    (record,) = read_records(write_json(tmp_path / "rome.json", [raw])).records
+    assert record.locality == {}
+    assert record.portability == {
+        "subject_replace": (QAPair("Camembert de Normandie originates from", "Japan"),)
+    }
+
+
 def test_rome_portability_and_distracting_neighborhood(tmp_path: Path) -> None:
     raw = rome_raw(
         portability={"New Question": "Which continent is Camembert from?", "New Answer": "Asia"},
@@ -242,6 +285,11 @@ def test_single_object_json_is_still_refused(tmp_path: Path) -> None:
         read_records(path)
 
 
+def test_a_directory_is_not_a_data_file(tmp_path: Path) -> None:
+    with pytest.raises(DataFileError, match="is a directory, not a data file"):
+        read_records(tmp_path)
+
+
 # --- unused keys ----------------------------------------------------------------------------
 
 
@@ -264,17 +312,92 @@ def test_no_unused_keys_no_listing(tmp_path: Path, capsys: pytest.CaptureFixture
     assert "keys not used" not in capsys.readouterr().out
 
 
+def test_unused_keys_inside_objects_are_listed_by_path(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rewrite = rome_raw()["requested_rewrite"]
+    rewrite = {
+        **rewrite, "relation": "origin", "target_new": {"str": "Japan", "id": "Q17", "lang": "en"}
+    }
+    rome = rome_raw(
+        requested_rewrite=rewrite,
+        portability={"New Question": "Which continent?", "New Answer": "Asia", "Hop": 1},
+    )
+    path = write_json(tmp_path / "rome.json", [rome, rome_raw()])
+    result = read_records(path)
+    assert result.unused_keys == {"attribute_prompts": 2}
+    assert result.unused_nested_keys == {
+        "requested_rewrite.relation": 1,
+        "requested_rewrite.target_new.lang": 1,
+        "portability.Hop": 1,
+    }
+    assert main([str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "  keys inside objects not used (not kept):" in out
+    assert "    requested_rewrite.target_new.lang (1 records)" in out
+    assert "    portability.Hop (1 records)" in out
+
+
+@pytest.mark.parametrize("reader", ["knowedit", "wikibio"])
+def test_unused_keys_of_group_items_are_listed(tmp_path: Path, reader: str) -> None:
+    groups = {
+        "locality": {
+            "Forgetfulness": [
+                {"prompt": "Ann painted", "ground_truth": "x", "subject": "Ann"},
+                {"prompt": "Ann lived in", "ground_truth": "y", "subject": "Ann"},
+            ]
+        },
+        "portability": {"Reasoning": {"prompt": "p", "ground_truth": "g", "hop": 2}},
+    }
+    if reader == "wikibio":
+        raw = {**wikibio_raw(), **groups}
+    else:
+        raw = {"subject": "Ann", "prompt": "Ann lives in", "target_new": "Rome", **groups}
+    result = read_records(write_json(tmp_path / "k.json", [raw, raw, {**raw, **{"locality": {}}}]))
+    assert result.format_name == reader
+    # counted once per record that has the key, whatever the number of items having it
+    assert result.unused_nested_keys == {
+        "locality.Forgetfulness.subject": 2,
+        "portability.Reasoning.hop": 3,
+    }
+
+
+def test_zsre_portability_keys_are_all_used(tmp_path: Path) -> None:
+    raw = zsre_raw(
+        portability={"Recalled Relation": "(a, b, c)", "New Question": "q?", "New Answer": "a"}
+    )
+    assert read_records(write_json(tmp_path / "z.json", [raw])).unused_nested_keys == {}
+    raw["portability"]["Source"] = "gpt4"
+    flat = counterfact_raw(portability=raw["portability"])
+    assert read_records(write_json(tmp_path / "z.json", [raw])).unused_nested_keys == {
+        "portability.Source": 1
+    }
+    assert read_records(write_json(tmp_path / "c.json", [flat])).unused_nested_keys == {
+        "portability.Source": 1
+    }
+
+
 @needs_data
 def test_shared_subject_replace_file_portability_and_unused_keys() -> None:
     result = read_records(DATA / "counterfact/counterfact_subject_replace.json")
     assert all(len(r.portability["subject_replace"]) == 1 for r in result.records)
     assert result.unused_keys == {"attribute_prompts": 213}
+    assert result.unused_nested_keys == {}
 
 
 @needs_data
 def test_shared_zsre_eval_unused_keys() -> None:
     result = read_records(DATA / "zsre/zsre_mend_eval_portability_gpt4.json")
     assert result.unused_keys == {"pred": 1037, "cond": 1037}
+    assert result.unused_nested_keys == {}
+
+
+@needs_data
+@pytest.mark.parametrize(
+    "name", ["knowedit/ZsRE/ZsRE-test-all.json", "knowedit/wiki_counterfact/train_cf.json"]
+)
+def test_shared_knowedit_group_items_use_every_key(name: str) -> None:
+    assert read_records(DATA / name).unused_nested_keys == {}
 
 
 def test_rome_groups_reach_the_evaluation_breakdown(tmp_path: Path) -> None:
@@ -294,3 +417,23 @@ def test_rome_groups_reach_the_evaluation_breakdown(tmp_path: Path) -> None:
     for key in ("locality/distracting", "locality/neighborhood", "portability/one_hop"):
         assert key in text, key
     assert summary["portability"] is not None
+
+
+def test_wise_temporal_ood_rephrase_reaches_the_evaluation_breakdown(tmp_path: Path) -> None:
+    """WISE temporal's ood_rephrase is scored as its own generalization group in summary.json."""
+    from lit_edit.cli import evaluate_main
+
+    raw = wise_raw(rephrase_prompt="About ann lee:", ood_rephrase="Ann lee, in a later year:")
+    path = ft_config(tmp_path, write_json(tmp_path / "temporal.json", [raw]))
+    evaluate_main(["--config", str(path)])
+    text = json.dumps(json.loads((tmp_path / "results" / "summary.json").read_text()))
+    for key in ("generalization/ood", "generalization/rephrase"):
+        assert key in text, key
+
+
+def test_unused_keys_of_conversation_turns_are_listed(tmp_path: Path) -> None:
+    turns = conversation_raw()["conversations"]
+    raw = conversation_raw(conversations=[{**turns[0], "markdown": "x"}, turns[1]], lang="en")
+    result = read_conversations(write_json(tmp_path / "lte.json", [raw, conversation_raw()]))
+    assert result.unused_keys == {"lang": 1}
+    assert result.unused_nested_keys == {"conversations.markdown": 1}

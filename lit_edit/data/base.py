@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any, ClassVar, Generic, TypeVar
 
 from lit_edit.data.fields import RawRecord, ReadNote
@@ -30,6 +30,13 @@ class BaseReader(ABC, Generic[T]):
     used_keys: ClassVar[frozenset[str]] = frozenset()
     """Top-level keys the format maps to a record field or identifier; any other is unused."""
 
+    nested_used_keys: ClassVar[Mapping[str, frozenset[str]]] = {}
+    """The keys the format uses inside its nested objects, by dotted path of the object.
+
+    ``"*"`` in a path stands for every key of an object (e.g. KnowEdit's group names,
+    ``"locality.*"``); a list on the way stands for each of its items.
+    """
+
     def unused_keys(self, raw: Mapping[str, Any]) -> list[str]:
         """The top-level keys of ``raw`` this reader does not use (kept verbatim in ``meta``).
 
@@ -40,6 +47,22 @@ class BaseReader(ABC, Generic[T]):
             The keys, in the record's order.
         """
         return [str(k) for k in raw if k not in self.used_keys]
+
+    def unused_nested_keys(self, raw: Mapping[str, Any]) -> list[str]:
+        """The keys inside the nested objects of ``raw`` that this reader does not use.
+
+        Args:
+            raw: A decoded JSON object.
+
+        Returns:
+            Each unused key once, as a dotted path (``"requested_rewrite.relation"``,
+            ``"locality.Forgetfulness.subject"``): such values are not read and not kept.
+        """
+        found: dict[str, None] = {}
+        for path, used in self.nested_used_keys.items():
+            for where, obj in objects_at(raw, path.split(".")):
+                found.update((f"{where}.{k}", None) for k in obj if k not in used)
+        return list(found)
 
     @abstractmethod
     def matches(self, raw: Mapping[str, Any]) -> bool:
@@ -107,3 +130,31 @@ class RecordReader(BaseReader[EditRecord]):
             rec: Typed access to the raw record's fields.
             source: The file path.
         """
+
+
+def objects_at(
+    value: Any, segments: list[str], where: str = ""
+) -> Iterator[tuple[str, Mapping[str, Any]]]:
+    """The JSON objects at a dotted path of ``value``, with their paths (see ``nested_used_keys``).
+
+    Args:
+        value: A decoded JSON value.
+        segments: The path's keys; ``"*"`` is every key of an object.
+        where: The path of ``value`` itself.
+
+    Yields:
+        ``(path, object)`` for every object found; a list on the way yields each item's.
+    """
+    if isinstance(value, list):
+        for item in value:
+            yield from objects_at(item, segments, where)
+        return
+    if not isinstance(value, Mapping):
+        return
+    if not segments:
+        yield where, value
+        return
+    head, rest = segments[0], segments[1:]
+    keys = [str(k) for k in value] if head == "*" else [head] if head in value else []
+    for key in keys:
+        yield from objects_at(value[key], rest, f"{where}.{key}" if where else key)

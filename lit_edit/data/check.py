@@ -5,15 +5,18 @@ Usage::
     python -m lit_edit.data [--skip-invalid] [--format F] PATH [PATH ...]
 
 For each file it prints ``<path>: <format>, <n> records``, what was skipped or dropped, every
-top-level key the format does not use (with how many records have it), and the first record as
-normalised (JSON). The exit code is 0 when every file is valid, 1 when a file is
-malformed (or, with ``--skip-invalid``, has no valid record), 2 for a usage error.
+key the format does not use (top-level ones, kept in ``meta``, then those inside its nested
+objects, as dotted paths), with how many records have it, and the first record as normalised
+(JSON). The exit code is 0 when every file is valid, 1 when a file is
+malformed (or, with ``--skip-invalid``, has no valid record), 2 for a usage error. An error is
+one ``error: <path>: ...`` line; ``LIT_EDIT_TRACEBACK=1`` raises it with its traceback instead.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any, TextIO
@@ -84,6 +87,9 @@ def report(result: ReadResult[Any], out: TextIO) -> None:
     if result.unused_keys:
         print("  keys not used (kept verbatim in meta):", file=out)
         _listing([f"{key} ({n} records)" for key, n in result.unused_keys.items()], out)
+    if result.unused_nested_keys:
+        print("  keys inside objects not used (not kept):", file=out)
+        _listing([f"{key} ({n} records)" for key, n in result.unused_nested_keys.items()], out)
     if result.notes:
         print(f"  dropped {len(result.notes)} empty optional values:", file=out)
         _listing([str(n) for n in result.notes], out)
@@ -112,6 +118,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             result = read_file(path, args.format, args.skip_invalid)
         except DataFileError as e:
+            if os.environ.get("LIT_EDIT_TRACEBACK", "") not in ("", "0"):
+                raise
             print(f"error: {e}", file=sys.stderr)
             status = 1
             continue

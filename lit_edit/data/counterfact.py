@@ -7,7 +7,7 @@ from typing import Any, ClassVar
 
 from lit_edit.data.base import RecordReader
 from lit_edit.data.fields import RawRecord
-from lit_edit.data.zsre import gpt4_portability, subject_replace
+from lit_edit.data.zsre import GPT4_PORTABILITY_KEYS, gpt4_portability, subject_replace
 from lit_edit.records import EditRecord, QAPair, RecordError
 
 
@@ -18,10 +18,11 @@ class CounterFactReader(RecordReader):
     locality_prompt, locality_ground_truth}``. Mapping: ``prompt``, ``target_new`` and
     ``subject`` as is; ``ground_truth`` → ``ground_truth`` (normalised);
     ``rephrase_prompt`` → ``rephrase_prompts = (rephrase_prompt,)``;
-    ``locality_prompt``/``locality_ground_truth`` → ``locality["neighborhood"]``;
-    ``portability`` (GPT-4 One Hop) → ``portability["one_hop"]``; ``alternative_subject`` →
-    ``portability["subject_replace"]`` (the prompt asked with it, answered ``target_new``);
-    ``case_id`` and any other field → ``meta`` verbatim.
+    ``locality_prompt``/``locality_ground_truth`` → ``locality["neighborhood"]`` (absent in
+    the portability variants: no locality); ``portability`` (GPT-4 One Hop) →
+    ``portability["one_hop"]``; ``alternative_subject`` → ``portability["subject_replace"]``
+    (the prompt asked with it, answered ``target_new``); ``case_id`` and any other field →
+    ``meta`` verbatim.
     """
 
     format_name = "counterfact"
@@ -41,10 +42,23 @@ class CounterFactReader(RecordReader):
         )
     )
 
+    nested_used_keys = {"portability": GPT4_PORTABILITY_KEYS}
+
     def matches(self, raw: Mapping[str, Any]) -> bool:
-        """Detect a flat record with a ``ground_truth`` and a ``locality_prompt``."""
-        keys = ("prompt", "target_new", "ground_truth", "locality_prompt")
-        return all(k in raw for k in keys) and "src" not in raw and "requested_rewrite" not in raw
+        """Detect a flat record with a ``ground_truth`` and a CounterFact field.
+
+        The CounterFact fields: ``locality_prompt``, or, in the portability variants that have
+        no locality, ``alternative_subject`` or the GPT-4 ``portability`` object (``New
+        Question``/``New Answer``, where KnowEdit has named groups).
+        """
+        keys = ("prompt", "target_new", "ground_truth")
+        if not all(k in raw for k in keys) or "src" in raw or "requested_rewrite" in raw:
+            return False
+        portability = raw.get("portability")
+        gpt4 = isinstance(portability, Mapping) and bool(
+            {"New Question", "New Answer"} & set(portability)
+        )
+        return "locality_prompt" in raw or "alternative_subject" in raw or gpt4
 
     def build(self, rec: RawRecord, source: str) -> EditRecord:
         """Normalise one flat CounterFact record."""
@@ -54,7 +68,9 @@ class CounterFactReader(RecordReader):
         rec.check_subject(subject, "subject", prompt, "prompt")
         rephrase = rec.text("rephrase_prompt")
         ground_truth = rec.answers("ground_truth")
-        neighborhood = rec.pair("locality_prompt", "locality_ground_truth")
+        neighborhood = None
+        if rec.has("locality_prompt") or rec.has("locality_ground_truth"):
+            neighborhood = rec.pair("locality_prompt", "locality_ground_truth")
         meta = rec.extras(self.used_keys - {"case_id"})
         portability: dict[str, tuple[QAPair, ...]] = {}
         gpt4_portability(rec, portability, meta)
@@ -85,7 +101,8 @@ class RomeCounterFactReader(RecordReader):
       ``requested_rewrite.target_new.str`` → ``target_new``;
       ``requested_rewrite.target_true.str`` → ``ground_truth``;
     * ``paraphrase_prompts`` → ``rephrase_prompts``;
-    * ``neighborhood_prompts`` → ``locality["neighborhood"]``, each answered with ``target_true``;
+    * ``neighborhood_prompts`` → ``locality["neighborhood"]``, each answered with ``target_true``
+      (absent in portability variants: no locality);
     * the distracting-neighbourhood prompts (``distracting_neighborhood_prompts`` or
       ``dneighborhood_prompts``: neighbourhood prompts preceded by the edit, CounterFact+) →
       ``locality["distracting"]``, each answered with ``target_true``;
@@ -120,6 +137,15 @@ class RomeCounterFactReader(RecordReader):
         )
     )
 
+    nested_used_keys = {
+        "requested_rewrite": frozenset(
+            ("prompt", "subject", "target_new", "target_true", "relation_id")
+        ),
+        "requested_rewrite.target_new": frozenset(("str", "id")),
+        "requested_rewrite.target_true": frozenset(("str", "id")),
+        "portability": GPT4_PORTABILITY_KEYS,
+    }
+
     def matches(self, raw: Mapping[str, Any]) -> bool:
         """Detect ROME's ``requested_rewrite`` key."""
         return "requested_rewrite" in raw
@@ -139,7 +165,10 @@ class RomeCounterFactReader(RecordReader):
         true = rewrite.child("target_true")
         target_new = new.text("str")
         target_true = true.text("str")
-        neighborhood = tuple(QAPair(p, target_true) for p in rec.text_list("neighborhood_prompts"))
+        neighborhood = tuple(
+            QAPair(p, target_true)
+            for p in rec.text_list("neighborhood_prompts", required=False)
+        )
         distracting = tuple(
             QAPair(p, target_true)
             for key in self.distracting_keys

@@ -6,8 +6,15 @@ from collections.abc import Mapping
 from typing import Any
 
 from lit_edit.data.base import RecordReader
+from lit_edit.data.counterfact import CounterFactReader
 from lit_edit.data.fields import RawRecord, json_type
 from lit_edit.records import EditRecord, QAPair, RecordError
+
+GROUP_ITEM_KEYS = {
+    "portability.*": frozenset(("prompt", "ground_truth")),
+    "locality.*": frozenset(("prompt", "ground_truth")),
+}
+"""The keys read from each item of a KnowEdit ``portability``/``locality`` group."""
 
 
 class KnowEditReader(RecordReader):
@@ -43,14 +50,17 @@ class KnowEditReader(RecordReader):
         )
     )
 
+    nested_used_keys = GROUP_ITEM_KEYS
+
     def matches(self, raw: Mapping[str, Any]) -> bool:
-        """Detect ``prompt`` + ``target_new`` without the flat locality fields of other formats."""
+        """Detect ``prompt`` + ``target_new`` without the fields of the flat formats."""
         return (
             "prompt" in raw
             and "target_new" in raw
             and "locality_prompt" not in raw
             and "src" not in raw
             and "requested_rewrite" not in raw
+            and not CounterFactReader().matches(raw)
         )
 
     def build(self, rec: RawRecord, source: str) -> EditRecord:
@@ -131,6 +141,8 @@ class WikiBioReader(RecordReader):
     format_name = "wikibio"
     description = "KnowEdit WikiBio (concept, text, labels, locality groups)"
     used_keys = frozenset(("concept", "text", "labels", "locality", "portability"))
+
+    nested_used_keys = GROUP_ITEM_KEYS
 
     def matches(self, raw: Mapping[str, Any]) -> bool:
         """Detect WikiBio's ``text`` + ``labels`` (and no ``prompt``)."""

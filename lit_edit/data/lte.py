@@ -60,6 +60,7 @@ class ConversationReader(BaseReader[ConversationPair]):
     description = "LTE alignment data, FastChat conversations (id, conversations[from, value])"
 
     used_keys = frozenset(("id", "conversations"))
+    nested_used_keys = {"conversations": frozenset(("from", "value"))}
 
     def matches(self, raw: Mapping[str, Any]) -> bool:
         """Detect the ``conversations`` key."""

@@ -37,6 +37,9 @@ class ReadResult(Generic[T]):
         notes: Empty optional values that were dropped from valid records.
         unused_keys: Each top-level key of the valid records that the format does not use (it is
             kept verbatim in ``EditRecord.meta``), with the number of records that have it.
+        unused_nested_keys: Each key inside a nested object of the valid records that the
+            format does not read (a dotted path, e.g. ``"requested_rewrite.relation"``; not kept),
+            with the number of records that have it.
     """
 
     path: str
@@ -46,6 +49,7 @@ class ReadResult(Generic[T]):
     skipped: list[DataFileError] = field(default_factory=list)
     notes: list[ReadNote] = field(default_factory=list)
     unused_keys: dict[str, int] = field(default_factory=dict)
+    unused_nested_keys: dict[str, int] = field(default_factory=dict)
 
     @property
     def skipped_indices(self) -> list[int]:
@@ -78,6 +82,8 @@ def load_raw(path: str | Path) -> list[Any]:
             the line and column), or a single document's top level is not a list.
     """
     p = Path(path)
+    if p.is_dir():
+        raise DataFileError(str(path), "is a directory, not a data file (.json or .jsonl)")
     if not p.is_file():
         raise DataFileError(str(path), "no such file")
     suffix = p.suffix.lower()
@@ -182,6 +188,8 @@ def read_file(
         result.num_read += 1
         for key in reader.unused_keys(raw):
             result.unused_keys[key] = result.unused_keys.get(key, 0) + 1
+        for key in reader.unused_nested_keys(raw):
+            result.unused_nested_keys[key] = result.unused_nested_keys.get(key, 0) + 1
     _log(result)
     return result
 
@@ -229,6 +237,13 @@ def _log(result: ReadResult[Any]) -> None:
             result.path,
             result.format_name,
             _unused(result.unused_keys),
+        )
+    if result.unused_nested_keys:
+        logger.warning(
+            "%s: keys inside objects not read by the %s format (not kept): %s",
+            result.path,
+            result.format_name,
+            _unused(result.unused_nested_keys),
         )
     if result.notes:
         logger.warning(

@@ -9,6 +9,9 @@ from lit_edit.data.base import RecordReader
 from lit_edit.data.fields import RawRecord
 from lit_edit.records import EditRecord, QAPair
 
+GPT4_PORTABILITY_KEYS = frozenset(("New Question", "New Answer", "Recalled Relation"))
+"""The keys read from EasyEdit's GPT-4 ``portability`` object."""
+
 
 def gpt4_portability(
     rec: RawRecord, portability: dict[str, tuple[QAPair, ...]], meta: dict[str, Any]
@@ -102,6 +105,8 @@ class ZsreReader(RecordReader):
             "inverse question",
         )
     )
+
+    nested_used_keys = {"portability": GPT4_PORTABILITY_KEYS}
 
     def matches(self, raw: Mapping[str, Any]) -> bool:
         """Detect the MEND-format keys ``src`` and ``alt``."""

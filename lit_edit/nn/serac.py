@@ -158,10 +158,13 @@ class BiEncoderScope(nn.Module):
             raise ValueError(f"scale must be > 0, got {scale}")
         from transformers import AutoModel, AutoTokenizer
 
+        from lit_edit.backbone import hub_model_errors
+
         path = resolve_encoder_path(name)
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.encoder = AutoModel.from_pretrained(path)
-        self.pooling, self.normalise = pooling_of(path)
+        with hub_model_errors(name, path, "scope classifier"):
+            self.tokenizer = AutoTokenizer.from_pretrained(path)
+            self.encoder = AutoModel.from_pretrained(path)
+            self.pooling, self.normalise = pooling_of(path)
         self.distance = distance
         self.scale = scale
         self.max_length = max_length
@@ -223,9 +226,12 @@ class CrossEncoderScope(nn.Module):
         super().__init__()
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+        from lit_edit.backbone import hub_model_errors
+
         path = resolve_encoder_path(name)
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.encoder = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1)
+        with hub_model_errors(name, path, "scope classifier"):
+            self.tokenizer = AutoTokenizer.from_pretrained(path)
+            self.encoder = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1)
         self.max_length = max_length
         freeze_lower_layers(self.encoder, train_layers)
 
