@@ -40,8 +40,8 @@ def world_name(seed: int) -> str:
 
 
 def retarget(node: Any, name: str) -> Any:
-    """Replace each ``tinyfacts``/``tinyfacts-llama``/``tinyfacts-4l`` config string (and its ``-cf`` twin) by world
-    ``name``."""
+    """Replace each ``tinyfacts``/``tinyfacts-llama``/``tinyfacts-4l`` config string (and its
+    ``-cf`` twin) by world ``name``."""
     if isinstance(node, dict):
         return {k: retarget(v, name) for k, v in node.items()}
     if isinstance(node, list):

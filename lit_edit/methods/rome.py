@@ -117,9 +117,10 @@ class ROMEEditor(EditorModule):
             raise ValueError(f"kl_prompt needs a '{{}}' for the subject, got {kl_prompt!r}")
         self.layer_name = mlp_out_name(self.model, layer)
         self.weight_name = f"{self.layer_name}.weight"
-        self.weight = find_parameter(self.model, self.weight_name)
-        self.layer = find_module(self.model, self.layer_name)
-        self.layout = matrix_layout(self.weight_name, self.layer)
+        # held in a plain dict: an attribute would register them a second time in state_dict
+        self._edited = {"weight": find_parameter(self.model, self.weight_name),
+                        "layer": find_module(self.model, self.layer_name)}
+        self.layout = matrix_layout(self.weight_name, self._edited["layer"])
         self.steps = steps
         self.lr = lr
         self.weight_decay = weight_decay
@@ -140,7 +141,6 @@ class ROMEEditor(EditorModule):
         self.templates = context_prefixes(self.model, self.tokenizer,
                                           [tuple(x) for x in lengths], seed=prefix_seed,
                                           starts=prefix_starts)
-        self._fingerprint = model_fingerprint(self.model)
         self._corpus: list[str] | None = None
         self._moment: tuple[torch.Tensor, int] | None = None
 
@@ -167,13 +167,14 @@ class ROMEEditor(EditorModule):
     def second_moment(self) -> tuple[torch.Tensor, int]:
         """``(C, n_tokens)`` of the edited matrix's inputs over the corpus (cached on disk).
 
-        Computed on first use with the unedited weights (an edit's handle restores them; the
-        key holds the weights' fingerprint taken when the editor was built).
+        Computed on first use, i.e. at the first edit, from the weights as they are then (the
+        unedited ones: every protocol's first edit starts from them); the cache key holds those
+        weights' fingerprint, so other weights never share the file.
         """
         if self._moment is None:
             texts = self.corpus()
             key = StatsKey(
-                model=f"{self.backbone.name}@{self._fingerprint}",
+                model=f"{self.backbone.name}@{model_fingerprint(self.model)}",
                 layer=self.layer_name,
                 corpus=f"{self.mom2_corpus}@{texts_fingerprint(texts)}",
                 max_tokens=self.mom2_max_tokens,
@@ -222,18 +223,19 @@ class ROMEEditor(EditorModule):
             raise ValueError(f"ROMEEditor applies one edit at a time, got {len(records)}")
         request = requests_of(records, lambda r: f"record {r.index} of {r.source!r}")
         moment = self.moment_for(request[0].subject) if self.mom2_adjustment else None
-        key = compute_keys(self.model, self.tokenizer, self.layer, request, self.templates)[0]
+        weight, layer = self._edited["weight"], self._edited["layer"]
+        key = compute_keys(self.model, self.tokenizer, layer, request, self.templates)[0]
         values = compute_values(
-            self.model, self.tokenizer, self.layer, request, self.templates,
+            self.model, self.tokenizer, layer, request, self.templates,
             kl_prompt=self.kl_prompt, steps=self.steps, lr=self.lr,
             weight_decay=self.weight_decay, clamp_norm_factor=self.clamp_norm_factor,
             kl_factor=self.kl_factor, stop_below=self.stop_below,
         )
         if self.key_mismatch:  # original ROME: u from k*, denominator from the bare prompt
-            bare = compute_keys(self.model, self.tokenizer, self.layer, request, ["{}"])[0]
+            bare = compute_keys(self.model, self.tokenizer, layer, request, ["{}"])[0]
             update = rank_one_update(bare, values.delta[0], moment, direction_key=key)
         else:
             update = rank_one_update(key, values.delta[0], moment)  # [d_out, d_in]
-        handle = WeightsHandle([self.weight])
-        apply_matrix_update(self.weight, self.layout, update)
+        handle = WeightsHandle([weight])
+        apply_matrix_update(weight, self.layout, update)
         return handle

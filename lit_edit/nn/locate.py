@@ -328,7 +328,7 @@ def compute_values(
     ``δ_f`` is clamped to ``‖δ_f‖ ≤ clamp_norm_factor · ‖h₀_f‖``; a fact whose loss falls below
     ``stop_below`` stops (frozen) while the others go on. Since rows never interact and Adam
     is elementwise, the result equals running each fact alone (up to float rounding of the
-    different padding). The model's weights are not changed.
+    different padding). The model's weights are not changed and get no gradient.
 
     Args:
         model: The causal LM (eval mode).
@@ -389,6 +389,9 @@ def compute_values(
         return (shifted, *output[1:]) if isinstance(output, tuple) else shifted
 
     handle = module.register_forward_hook(hook)
+    frozen = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in frozen:  # only δ gets gradients
+        p.requires_grad_(False)
     try:
         with torch.no_grad():
             logits = model(**forward).logits  # [R, L, V]
@@ -425,6 +428,8 @@ def compute_values(
         history = optimise([delta], losses, steps, lr, stop_below=stop_below, project=clamp)
     finally:
         handle.remove()
+        for p, flag in frozen:
+            p.requires_grad_(flag)
     return ValueResult(delta.detach(), h0.detach(), history)
 
 

@@ -237,9 +237,10 @@ def resolve_tinyfacts(name: str, cache_dir: str | os.PathLike | None = None) -> 
 
     Args:
         name: ``"tinyfacts"`` (default world, tiny GPT-2), ``"tinyfacts-llama"`` (default world,
-            tiny LLaMA), ``"tinyfacts-4l"`` (default world, 4-block tiny GPT-2), or any with ``-seed<N>`` appended (``"tinyfacts-seed1"``): another
-            world and another model, :class:`WorldConfig` and :class:`TinyLMConfig` both
-            seeded with ``N`` (``-seed0`` is the default); ``-cf`` appended (``"tinyfacts-cf"``,
+            tiny LLaMA), ``"tinyfacts-4l"`` (default world, 4-block tiny GPT-2), or any of them
+            with ``-seed<N>`` appended (``"tinyfacts-seed1"``): another world and another
+            model, :class:`WorldConfig` and :class:`TinyLMConfig` both seeded with ``N``
+            (``-seed0`` is the default); ``-cf`` appended (``"tinyfacts-cf"``,
             ``"tinyfacts-seed1-cf"``) gives a second model of the same world and tokenizer, its
             model seed ``N + 1000`` (SERAC's counterfactual model).
         cache_dir: Cache directory (see :func:`cache_root`).
