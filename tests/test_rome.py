@@ -228,3 +228,20 @@ def test_rome_excludes_the_edited_subject_from_c(tmp_path, records) -> None:
     assert torch.equal(rome(tmp_path, mom2_exclude_subject=False).moment_for(subject), full)
     with pytest.raises(ValueError, match="mom2_max_tokens"):
         rome(tmp_path / "cut", mom2_max_tokens=500).moment_for(subject)
+
+
+def test_the_four_block_tinyfacts_model_is_named_and_retargeted_per_world() -> None:
+    import importlib.util
+
+    from lit_edit.world import named_configs
+
+    world, model = named_configs("tinyfacts-4l-seed2")
+    assert (world.seed, model.seed, model.n_layer, model.arch) == (2, 2, 4, "gpt2")
+    assert named_configs("tinyfacts-4l")[0] == named_configs("tinyfacts")[0]  # same world
+    spec = importlib.util.spec_from_file_location(
+        "seeds", Path(__file__).resolve().parents[1] / "bench" / "seeds.py")
+    seeds = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(seeds)
+    assert seeds.retarget({"backbone": "tinyfacts-4l"}, "tinyfacts-seed1") == {
+        "backbone": "tinyfacts-4l-seed1"}
+    assert seeds.retarget("tinyfacts-4l", "tinyfacts") == "tinyfacts-4l"
