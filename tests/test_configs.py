@@ -62,6 +62,8 @@ def test_config_instantiates(path: str, monkeypatch: pytest.MonkeyPatch, tmp_pat
         if "counterfactual:" in text:  # SERAC's hub-sized parts
             args += ["--model.init_args.counterfactual", "tinyfacts-cf",
                      "--model.init_args.classifier", "all-MiniLM-L6-v2"]
+    if "tinyfacts-4l" in text:  # the 2-block model every test has, not an 8-minute build
+        args += ["--model.init_args.backbone", "tinyfacts", "--data.init_args.world", "tinyfacts"]
     if "accelerator: gpu" in text:
         args += ["--trainer.accelerator", "cpu", "--trainer.devices", "1",
                  "--trainer.strategy", "auto", "--trainer.precision", "32"]

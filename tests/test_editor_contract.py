@@ -28,6 +28,8 @@ REPO = Path(__file__).resolve().parents[1]
 #: per editor, overrides that keep the test small (no trained parts needed)
 OVERRIDES = {
     "LTEEditor": ["--model.init_args.scope", "null", "--model.init_args.retriever", "hashing"],
+    # the 2-block model (cached for every test) instead of tinyfacts-4l (an 8-minute build)
+    "ROMEEditor": ["--model.init_args.backbone", "tinyfacts"],
 }
 
 

@@ -6,8 +6,10 @@ from lit_edit.methods.ike import IKEEditor
 from lit_edit.methods.lte import LTEEditor
 from lit_edit.methods.mend import MENDEditor
 from lit_edit.methods.noedit import NoEdit
+from lit_edit.methods.rome import ROMEEditor
 from lit_edit.methods.serac import SERACEditor
 
 __all__ = [
-    "EditorModule", "FTEditor", "IKEEditor", "LTEEditor", "MENDEditor", "NoEdit", "SERACEditor",
+    "EditorModule", "FTEditor", "IKEEditor", "LTEEditor", "MENDEditor", "NoEdit", "ROMEEditor",
+    "SERACEditor",
 ]

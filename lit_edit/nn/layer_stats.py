@@ -158,6 +158,12 @@ class LayerStatsCache:
         return self.root / f"{key.digest()}.safetensors"
 
     def get(self, key: StatsKey, compute: Callable[[], tuple[torch.Tensor, int]]) -> torch.Tensor:
+        """The cached statistic of ``key`` (see :meth:`get_with_count`)."""
+        return self.get_with_count(key, compute)[0]
+
+    def get_with_count(
+        self, key: StatsKey, compute: Callable[[], tuple[torch.Tensor, int]]
+    ) -> tuple[torch.Tensor, int]:
         """The cached statistic of ``key``, computed with ``compute()`` and stored when absent.
 
         Args:
@@ -166,7 +172,7 @@ class LayerStatsCache:
                 :func:`input_second_moment` with the key's settings).
 
         Returns:
-            The statistic (float32).
+            ``(statistic, n_tokens)``: the statistic (float32) and the tokens it averages.
 
         Raises:
             ValueError: when the file's recorded key is not ``key`` (a corrupt or foreign file).
@@ -177,15 +183,59 @@ class LayerStatsCache:
             from safetensors import safe_open
 
             with safe_open(str(path), framework="pt") as f:
-                recorded = {k: v for k, v in (f.metadata() or {}).items() if k in expected}
+                metadata = f.metadata() or {}
+            recorded = {k: v for k, v in metadata.items() if k in expected}
             if recorded != expected:
                 raise ValueError(f"{path}: recorded key {recorded} is not {expected}; "
                                  "delete the file to recompute it")
-            return load_file(str(path))["moment"]
+            return load_file(str(path))["moment"], int(metadata.get("n_tokens", 0))
         moment, n_tokens = compute()
         self.root.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".tmp{os.getpid()}")
         save_file({"moment": moment.contiguous()}, str(tmp),
                   metadata={**expected, "n_tokens": str(n_tokens)})
         tmp.replace(path)
+        return moment, n_tokens
+
+
+def moment_without(
+    moment: torch.Tensor,
+    n_tokens: int,
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    layer: str,
+    texts: Sequence[str],
+    max_length: int = 128,
+    batch_size: int = 16,
+) -> torch.Tensor:
+    """The second moment of a corpus with some of its texts taken out, without re-reading it.
+
+    ``C' = (N·C − n·C_ex) / (N − n)`` where ``C_ex`` is :func:`input_second_moment` of ``texts``
+    (``n`` tokens). Exact when ``texts`` were read in full when ``C`` was computed (the corpus
+    was not cut by its token budget), e.g. to keep the facts being edited out of ``C``
+    (LOCATE_THEN_EDIT.md §9.4).
+
+    Args:
+        moment: ``(d, d)`` second moment ``C`` of the whole corpus.
+        n_tokens: The ``N`` tokens it averages.
+        model: The model ``C`` was computed with (same weights).
+        tokenizer: Its tokenizer.
+        layer: The module whose inputs ``C`` is of.
+        texts: Texts of the corpus to take out (may be empty).
+        max_length: Truncation length used for ``C``.
+        batch_size: Texts per forward pass.
+
+    Returns:
+        ``(d, d)`` float32 ``C'``.
+
+    Raises:
+        ValueError: if the texts hold all of the corpus's tokens.
+    """
+    if not texts:
         return moment
+    excluded, n = input_second_moment(model, tokenizer, layer, texts, max_tokens=2**62,
+                                      max_length=max_length, batch_size=batch_size)
+    if n >= n_tokens:
+        raise ValueError(f"taking out {n} of {n_tokens} tokens leaves no statistic")
+    total = moment.double() * n_tokens - excluded.double() * n
+    return (total / (n_tokens - n)).float()

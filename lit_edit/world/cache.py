@@ -237,9 +237,10 @@ def resolve_tinyfacts(name: str, cache_dir: str | os.PathLike | None = None) -> 
 
     Args:
         name: ``"tinyfacts"`` (default world, tiny GPT-2), ``"tinyfacts-llama"`` (default world,
-            tiny LLaMA), or either with ``-seed<N>`` appended (``"tinyfacts-seed1"``): another
-            world and another model, :class:`WorldConfig` and :class:`TinyLMConfig` both
-            seeded with ``N`` (``-seed0`` is the default); ``-cf`` appended (``"tinyfacts-cf"``,
+            tiny LLaMA), ``"tinyfacts-4l"`` (default world, 4-block tiny GPT-2), or any of them
+            with ``-seed<N>`` appended (``"tinyfacts-seed1"``): another world and another
+            model, :class:`WorldConfig` and :class:`TinyLMConfig` both seeded with ``N``
+            (``-seed0`` is the default); ``-cf`` appended (``"tinyfacts-cf"``,
             ``"tinyfacts-seed1-cf"``) gives a second model of the same world and tokenizer, its
             model seed ``N + 1000`` (SERAC's counterfactual model).
         cache_dir: Cache directory (see :func:`cache_root`).
@@ -260,9 +261,9 @@ def named_configs(name: str) -> tuple[WorldConfig, TinyLMConfig]:
     See :func:`resolve_tinyfacts` for the names.
 
     Raises:
-        ValueError: on a name that is not ``tinyfacts[-llama][-seed<N>]``.
+        ValueError: on a name that is not ``tinyfacts[-llama|-4l][-seed<N>][-cf]``.
     """
-    match = re.fullmatch(r"(tinyfacts(?:-llama)?)(?:-seed(\d+))?(-cf)?", name)
+    match = re.fullmatch(r"(tinyfacts(?:-llama|-4l)?)(?:-seed(\d+))?(-cf)?", name)
     configs = default_model_configs()
     if match is None or match.group(1) not in configs:
         raise ValueError(
@@ -277,8 +278,14 @@ def named_configs(name: str) -> tuple[WorldConfig, TinyLMConfig]:
 
 
 def default_model_configs() -> dict[str, TinyLMConfig]:
-    """The named default models: ``tinyfacts`` (GPT-2) and ``tinyfacts-llama``."""
-    return {"tinyfacts": TinyLMConfig(arch="gpt2"), "tinyfacts-llama": TinyLMConfig(arch="llama")}
+    """The named default models: ``tinyfacts`` (GPT-2), ``tinyfacts-llama`` and ``tinyfacts-4l``.
+
+    ``tinyfacts-4l`` is the GPT-2 with 4 blocks instead of 2, for locate-then-edit methods: an
+    edit written into an early block's MLP needs later blocks to carry it to the answer
+    (LOCATE_THEN_EDIT.md §9.1).
+    """
+    return {"tinyfacts": TinyLMConfig(arch="gpt2"), "tinyfacts-llama": TinyLMConfig(arch="llama"),
+            "tinyfacts-4l": TinyLMConfig(arch="gpt2", n_layer=4)}
 
 
 def load_world(model_dir: str | os.PathLike) -> World:
