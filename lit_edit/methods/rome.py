@@ -182,6 +182,7 @@ class ROMEEditor(EditorModule):
             )
 
             def compute() -> tuple[torch.Tensor, int]:
+                """The second moment and its token count, read from ``texts``."""
                 return input_second_moment(self.model, self.tokenizer, self.layer_name, texts,
                                            self.mom2_max_tokens, self.mom2_max_length,
                                            self.mom2_batch_size)
