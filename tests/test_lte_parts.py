@@ -303,3 +303,18 @@ def test_set_dropout_changes_every_dropout_and_the_config():
         set_dropout(model, 1.0)
     with pytest.raises(ValueError, match="no dropout modules"):
         set_dropout(torch.nn.Linear(2, 2), 0.1)
+
+
+@pytest.mark.parametrize("key_dtype", ["float32", "int8"])
+def test_memory_squared_norms_follow_insertions_truncation_and_reload(key_dtype):
+    memory = EditMemory(key_dtype, rerank=0, normalise=False)
+    memory.add(torch.tensor([[3.0, 4.0], [1.0, 0.0]]), ["a", "b"], ["fa", "fb"])
+    memory.truncate(1)
+    memory.add(torch.tensor([[0.0, 2.0]]), ["c"], ["fc"])
+    # |(3, 4)|^2 = 25, |(0, 2)|^2 = 4; int8 stores 3 as round(3 * 127 / 4) = 95 steps of 4/127
+    first = 25.0 if key_dtype == "float32" else (95 * 4 / 127) ** 2 + 16.0
+    assert memory.sq_norms.tolist() == pytest.approx([first, 4.0], rel=1e-6)
+    assert torch.allclose(memory.sq_norms, memory.keys.pow(2).sum(-1))
+    again = EditMemory(key_dtype, rerank=0, normalise=False)
+    again.load_state_dict(memory.state_dict())
+    assert torch.equal(again.sq_norms, memory.sq_norms)

@@ -48,6 +48,7 @@ class EditMemory(nn.Module):
         self._dtype = dtypes[key_dtype]
         self._keys = torch.zeros(0, 0, dtype=self._dtype)  # [capacity, D]
         self._scales = torch.ones(0)  # [capacity] per-key scale (int8 keys; ones otherwise)
+        self._sq_norms = torch.zeros(0)  # [capacity] float32 squared norms of the stored keys
         self._size = 0
         self.questions: list[str] = []
         self.facts: list[str] = []
@@ -66,6 +67,11 @@ class EditMemory(nn.Module):
         if self._dtype == torch.int8:
             return self._keys[: self._size].float() * self._scales[: self._size, None]
         return self._keys[: self._size]
+
+    @property
+    def sq_norms(self) -> torch.Tensor:
+        """``[N]`` float32 squared norms of :attr:`keys` (computed once, at insertion)."""
+        return self._sq_norms[: self._size]
 
     def rows(self, index: torch.Tensor) -> torch.Tensor:
         """``[..., D]`` float32 keys at the positions ``index`` (a tensor of any shape)."""
@@ -97,10 +103,12 @@ class EditMemory(nn.Module):
             capacity = max(needed, 2 * self._keys.shape[0], 64)
             grown = torch.zeros(capacity, d, dtype=self._dtype)
             scales = torch.ones(capacity)
+            sq_norms = torch.zeros(capacity)
             if self._size:
                 grown[: self._size] = self._keys[: self._size]
                 scales[: self._size] = self._scales[: self._size]
-            self._keys, self._scales = grown, scales
+                sq_norms[: self._size] = self._sq_norms[: self._size]
+            self._keys, self._scales, self._sq_norms = grown, scales, sq_norms
         unit = keys.detach().float().cpu()  # [N, D]
         if self.normalise:
             unit = F.normalize(unit, dim=-1)
@@ -109,6 +117,10 @@ class EditMemory(nn.Module):
             self._scales[self._size : needed] = scale
             unit = torch.round(unit / scale[:, None])
         self._keys[self._size : needed] = unit.to(self._dtype)
+        stored = self._keys[self._size : needed].float()  # [N, D] as a scan reads them
+        if self._dtype == torch.int8:
+            stored = stored * self._scales[self._size : needed, None]
+        self._sq_norms[self._size : needed] = stored.pow(2).sum(-1)
         self._size = needed
         self.questions.extend(questions)
         self.facts.extend(facts)
@@ -184,6 +196,7 @@ class EditMemory(nn.Module):
         """Restore the content written by :meth:`get_extra_state`."""
         self._keys = torch.zeros(0, 0, dtype=self._dtype)
         self._scales = torch.ones(0)
+        self._sq_norms = torch.zeros(0)
         self._size = 0
         self.questions, self.facts = [], []
         if not len(state["facts"]):

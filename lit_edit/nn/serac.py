@@ -188,17 +188,26 @@ class BiEncoderScope(nn.Module):
         out = out.float()
         return F.normalize(out, dim=-1) if self.normalise else out
 
-    def log_similarity_of(self, keys: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+    def log_similarity_of(
+        self, keys: torch.Tensor, queries: torch.Tensor, key_sq_norms: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """``[Q, N]`` log-similarities of ``[Q, D]`` query and ``[N, D]`` key embeddings.
 
         Squared L2: ``-scale * |q - k|^2`` computed as ``|q|^2 + |k|^2 - 2 q.k`` clamped at 0
         (one matrix product, no ``[Q, N, D]`` tensor); cosine: ``-scale * (1 - cos(q, k))``.
+
+        Args:
+            keys: ``[N, D]`` key embeddings.
+            queries: ``[Q, D]`` query embeddings.
+            key_sq_norms: ``[N]`` precomputed ``|k|^2`` (squared L2 only; an edit memory keeps
+                them, so a scan reads each key once); ``None`` computes them.
         """
         q, k = queries.float(), keys.float()
         if self.distance == "cosine":
             cos = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).T
             return -self.scale * (1.0 - cos)
-        sq = q.pow(2).sum(-1)[:, None] + k.pow(2).sum(-1)[None, :] - 2.0 * (q @ k.T)  # [Q, N]
+        k_sq = k.pow(2).sum(-1) if key_sq_norms is None else key_sq_norms.float()  # [N]
+        sq = q.pow(2).sum(-1)[:, None] + k_sq[None, :] - 2.0 * (q @ k.T)  # [Q, N]
         return -self.scale * sq.clamp(min=0.0)
 
     def log_similarity(self, edits: list[str], queries: list[str]) -> torch.Tensor:
