@@ -18,17 +18,19 @@ from transformers.pytorch_utils import Conv1D
 from lit_edit.backbone import Backbone
 from lit_edit.editing import ParameterSnapshot
 from lit_edit.editor import apply_edit
+from lit_edit.nn.fact_tokens import (
+    FactRequest,
+    context_prefixes,
+    requests_of,
+    subject_last_positions,
+)
 from lit_edit.nn.layer_stats import input_second_moment, moment_without
 from lit_edit.nn.layout import matrix_layout
 from lit_edit.nn.locate import (
-    FactRequest,
     apply_matrix_update,
     compute_keys,
     compute_values,
-    context_prefixes,
     rank_one_update,
-    requests_of,
-    subject_last_positions,
 )
 from lit_edit.protocols import BatchEdit
 from lit_edit.world import load_world, resolve_tinyfacts

@@ -12,6 +12,7 @@ import torch
 from lit_edit.backbone import Backbone, find_module, find_parameter
 from lit_edit.editing import EditHandle, WeightsHandle
 from lit_edit.methods.base import EditorModule
+from lit_edit.nn.fact_tokens import context_prefixes, requests_of
 from lit_edit.nn.layer_stats import (
     LayerStatsCache,
     StatsKey,
@@ -25,9 +26,7 @@ from lit_edit.nn.locate import (
     apply_matrix_update,
     compute_keys,
     compute_values,
-    context_prefixes,
     rank_one_update,
-    requests_of,
 )
 from lit_edit.records import EditRecord
 
