@@ -83,6 +83,19 @@ def test_max_records_are_seeded_subsamples_and_reported(
     assert indices(other.records["train"]) != kept
 
 
+def test_max_records_first_keeps_the_first_records_of_the_split(
+    data50: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.INFO, logger="lit_edit.data.datamodule"):
+        dm = EditDataModule(train_path=str(data50), max_train_records=8, subsample="first",
+                            split_seed=5)
+        dm.setup("fit")
+    assert indices(dm.records["train"]) == [0, 1, 2, 3, 4, 5, 6, 7]
+    assert "kept the first 8 of 50 records (max_train_records)" in caplog.text
+    with pytest.raises(ValueError, match="subsample must be 'seeded' or 'first', got 'last'"):
+        EditDataModule(train_path=str(data50), subsample="last")  # type: ignore[arg-type]
+
+
 def test_limits_apply_after_the_path_split(data50: Path) -> None:
     full = split_of(data50, split_seed=2)
     limited = split_of(data50, split_seed=2, max_test_records=2, max_val_records=100)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from lightning.pytorch import LightningDataModule
@@ -45,6 +45,9 @@ class EditDataModule(LightningDataModule):
         max_train_records: Keep at most this many training records (seeded subsample).
         max_val_records: Keep at most this many validation records (seeded subsample).
         max_test_records: Keep at most this many test records (seeded subsample).
+        subsample: How the ``max_*_records`` limits choose: ``"seeded"`` (a random sample seeded
+            by ``split_seed``, in file order) or ``"first"`` (the first records of the split, as
+            ``ds[:N]`` in EasyEdit's scripts).
         batch_size: Records per training batch.
         eval_batch_size: Records per validation/test batch (default: ``batch_size``).
         num_workers: DataLoader worker processes.
@@ -73,6 +76,7 @@ class EditDataModule(LightningDataModule):
         max_train_records: int | None = None,
         max_val_records: int | None = None,
         max_test_records: int | None = None,
+        subsample: Literal["seeded", "first"] = "seeded",
         batch_size: int = 1,
         eval_batch_size: int | None = None,
         num_workers: int = 0,
@@ -82,6 +86,8 @@ class EditDataModule(LightningDataModule):
         if path is not None and any(p is not None for p in (train_path, val_path, test_path)):
             raise ValueError("give either `path` (split by fractions) or per-split paths, not both")
         check_fractions(val_fraction, test_fraction)
+        if subsample not in ("seeded", "first"):
+            raise ValueError(f"subsample must be 'seeded' or 'first', got {subsample!r}")
         if format is not None:
             reader_by_name(format, record_readers())
         for name, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
@@ -107,6 +113,7 @@ class EditDataModule(LightningDataModule):
             "val": max_val_records,
             "test": max_test_records,
         }
+        self.subsample = subsample
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size if eval_batch_size is not None else batch_size
         self.num_workers = num_workers
@@ -166,16 +173,13 @@ class EditDataModule(LightningDataModule):
         """
         logger = logging.getLogger(__name__)
         for split, records in self.load_records(stage).items():
-            kept = subsample(records, self.max_records.get(split), self.split_seed, split)
+            kept = subsample(records, self.max_records.get(split), self.split_seed, split,
+                             self.subsample)
             if len(kept) < len(records):
-                logger.info(
-                    "%s split: kept a seeded sample of %d of %d records (max_%s_records, seed %d)",
-                    split,
-                    len(kept),
-                    len(records),
-                    split,
-                    self.split_seed,
-                )
+                how, seed = (("the first", "") if self.subsample == "first"
+                             else ("a seeded sample of", f", seed {self.split_seed}"))
+                logger.info("%s split: kept %s %d of %d records (max_%s_records%s)",
+                            split, how, len(kept), len(records), split, seed)
             logger.info("%s split: %d records", split, len(kept))
             self.records[split] = kept
         self.prepared_splits.update(self.splits_for_stage(stage))

@@ -59,24 +59,32 @@ def check_fractions(val_fraction: float, test_fraction: float) -> None:
         )
 
 
-def subsample(items: Sequence[T], limit: int | None, seed: int, name: str) -> list[T]:
-    """Keep a seeded random subset of at most ``limit`` items, in their original order.
+def subsample(
+    items: Sequence[T], limit: int | None, seed: int, name: str, mode: str = "seeded"
+) -> list[T]:
+    """Keep at most ``limit`` items, in their original order: a seeded random subset or the first.
 
     Args:
         items: The items.
         limit: Maximum number kept; ``None`` keeps everything.
         seed: Seed; combined with ``name`` so different splits draw different subsets.
         name: Name of the split (e.g. ``"train"``).
+        mode: ``"seeded"`` (a seeded random subset) or ``"first"`` (the first ``limit`` items,
+            as ``ds[:N]`` in EasyEdit's scripts; ``seed`` is not used).
 
     Returns:
         The kept items (all of them when ``limit`` is ``None`` or not smaller than their number).
 
     Raises:
-        ValueError: if ``limit`` is negative.
+        ValueError: if ``limit`` is negative or ``mode`` unknown.
     """
+    if mode not in ("seeded", "first"):
+        raise ValueError(f"the subsample mode must be 'seeded' or 'first', got {mode!r}")
+    if limit is not None and limit < 0:
+        raise ValueError(f"the record limit must be >= 0, got {limit}")
     if limit is None or limit >= len(items):
         return list(items)
-    if limit < 0:
-        raise ValueError(f"the record limit must be >= 0, got {limit}")
+    if mode == "first":
+        return list(items[:limit])
     kept = random.Random(f"{seed}:{name}").sample(range(len(items)), limit)
     return [items[i] for i in sorted(kept)]
