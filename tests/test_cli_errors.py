@@ -411,3 +411,31 @@ def test_unknown_class_and_wrong_value_type_are_one_line(
     overlay.write_text(yaml.safe_dump(settings))
     message = command_line(monkeypatch, evaluate_main, "--config", FT, "--config", str(overlay))
     assert expected in message and "Union subtypes" not in message
+
+
+def test_train_max_length_too_short_for_an_answer_fails_at_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    good = {
+        "subject": "Ann", "src": "Where does Ann live?", "rephrase": "Where is Ann's home?",
+        "alt": "Rome", "answers": ["Oslo"], "loc": "nq question: x", "loc_ans": "y",
+    }
+    long_answer = " ".join(["Rome"] * 30)  # at least 30 tokens: more than max_length 12
+    data = tmp_path / "train.json"
+    data.write_text(json.dumps([good, good, {**good, "loc_ans": long_answer}]))
+    overlay = tmp_path / "data.yaml"
+    overlay.write_text(yaml.safe_dump({
+        "trainer": {
+            "max_steps": 2, "logger": False, "enable_progress_bar": False, "callbacks": [],
+        },
+        "model": {"init_args": {"max_length": 12}},
+        "data": {
+            "class_path": "lit_edit.data.EditDataModule",
+            "init_args": {"train_path": str(data), "val_path": str(data), "format": "zsre"},
+        },
+    }))
+    message = command_line(
+        monkeypatch, train_main, "fit", "--config", MEND, "--config", str(overlay)
+    )
+    assert f"error: {data}: record 2: train split: max_length=12 leaves no room" in message
+    assert "raise the method's max_length (now 12)" in message

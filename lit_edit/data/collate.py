@@ -14,7 +14,7 @@ from typing import Any, Literal
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from lit_edit.records import EditRecord, QAPair
+from lit_edit.records import DataFileError, EditRecord, QAPair
 from lit_edit.tokenization import (
     IGNORE_INDEX,
     EncodedPair,
@@ -197,3 +197,39 @@ class EditCollator:
             batch["locality"] = self.pairs([p for _, p in loc])
             batch["locality"]["record_index"] = torch.tensor([i for i, _ in loc], dtype=torch.long)
         return batch
+
+
+def check_collatable(
+    records: Sequence[EditRecord], collate: Any, collator: PairCollator, split: str
+) -> None:
+    """Tokenize every record once, before training: a too short ``max_length`` fails at start.
+
+    An answer is never truncated, so a ``max_length`` shorter than one of a record's answers
+    would otherwise stop ``fit`` at the first batch holding that record, many steps in.
+
+    Args:
+        records: The split's records.
+        collate: The method's batch builder (a callable on a list of records).
+        collator: The :class:`PairCollator` it uses (its truncation count is left unchanged).
+        split: Name of the split (for the error).
+
+    Raises:
+        DataFileError: naming the record's file and index, the split and the setting to raise.
+    """
+    if collator.max_length is None:
+        return
+    truncated = collator.truncated
+    try:
+        for record in records:
+            try:
+                collate([record])
+            except ValueError as err:
+                raise DataFileError(
+                    record.source or "<records>",
+                    f"{split} split: {err}; raise the method's max_length "
+                    f"(now {collator.max_length}) or leave this record out",
+                    record.index if record.index >= 0 else None,
+                ) from err
+    finally:
+        collator.truncated = truncated
+

@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lit_edit.data.collate import check_collatable
 from lit_edit.editor import apply_edit
 from lit_edit.nn.losses import masked_nll
 from lit_edit.nn.scope import in_scope_questions
@@ -24,6 +25,22 @@ class SERACTraining:
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Keep batches as lists of records (the losses tokenize what they need)."""
         return batch
+
+    def setup(self, stage: str) -> None:
+        """At the start of ``fit``: every training and validation record fits ``max_length``.
+
+        Raises:
+            DataFileError: naming the first record with an answer longer than ``max_length``.
+        """
+        records = getattr(getattr(self._trainer, "datamodule", None), "records", None)
+        if stage != "fit" or not isinstance(records, dict):
+            return
+        for split in ("train", "val"):
+            check_collatable(records.get(split, []), self._training_pairs, self.collator, split)
+
+    def _training_pairs(self, records: Sequence[EditRecord]) -> dict[str, torch.Tensor]:
+        """The base-model batch of ``records``' training queries (in scope and locality)."""
+        return self.collator([p for _, p in self._in_scope(records) + self._locality(records)])
 
     def _in_scope(self, records: Sequence[EditRecord]) -> list[tuple[int, QAPair]]:
         """(record position, pair) of every in-scope training query of ``records``."""
