@@ -34,6 +34,7 @@ from lit_edit.cli_errors import (
 from lit_edit.evaluation import Evaluation
 from lit_edit.links import connect
 from lit_edit.methods import EditorModule
+from lit_edit.strategies import check_strategy
 
 log = logging.getLogger(__name__)
 
@@ -200,8 +201,16 @@ class LitEditCLI(LightningCLI):
                 raise ValueError(f"threads must be >= 1, got {threads}")
             torch.set_num_threads(threads)
 
+    def before_fit(self) -> None:
+        """Refuse, in one line, a strategy the editor cannot train under."""
+        check_strategy(self.model, self.trainer.strategy, "fit")
+
     def before_test(self) -> None:
-        """Hold the editing report back until Lightning has printed its table of test metrics."""
+        """Refuse a strategy editing cannot run under; hold the report back for Lightning's table.
+
+        The editing report is printed after Lightning's table of test metrics.
+        """
+        check_strategy(self.model, self.trainer.strategy, "test")
         self.model.defer_report = True
 
     def after_test(self) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from abc import ABCMeta, abstractmethod
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import lightning as L
 import torch
@@ -53,12 +53,16 @@ class EditorModule(L.LightningModule, metaclass=_EditorMeta):
             evaluating it without
             a checkpoint scores an untrained editor: ``evaluate.py`` then refuses to run without
             ``--ckpt_path`` unless given ``--allow_untrained true``.
+        unsupported_strategies: Strategy families ``fit`` refuses for this method, each with
+            why and what to use instead (see :func:`lit_edit.strategies.check_strategy`;
+            ``test`` always needs one device or DDP).
         evaluation: The evaluation settings ``test`` uses (the CLI sets them from its
             ``evaluation:`` section).
     """
 
     max_edits_per_call: int | None = None
     needs_training: bool = False
+    unsupported_strategies: ClassVar[dict[str, str]] = {}
 
     def __init__(self, backbone: Backbone | str = "tinyfacts") -> None:
         super().__init__()

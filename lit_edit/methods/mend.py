@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 
@@ -92,6 +92,13 @@ class MENDEditor(MENDTraining, EditorModule):
     """
 
     needs_training = True
+    unsupported_strategies: ClassVar[dict[str, str]] = {
+        "fsdp": "its training edits whole weight matrices through torch.func.functional_call, "
+        "which FSDP's flat parameter shards do not provide; use DDP (configs/trainer/ddp.yaml) "
+        "or DeepSpeed stage 2 (configs/trainer/deepspeed_stage2.yaml)",
+        "deepspeed_stage_3": "stage 3 partitions the weights MEND's training edits whole; use "
+        "DeepSpeed stage 2 (configs/trainer/deepspeed_stage2.yaml) or DDP",
+    }
 
     def __init__(
         self,

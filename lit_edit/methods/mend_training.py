@@ -157,7 +157,7 @@ class MENDTraining:
         result = self.meta_step(batch, measure=True)
         keys = ("loss", "loss_edit", "loss_loc", "edit_success", "reliability", "locality")
         values = {f"val/{k}": result[k] for k in keys if k in result}
-        self.log_dict(values, batch_size=len(batch["records"]))
+        self.log_dict(values, batch_size=len(batch["records"]), sync_dist=True)
 
     def configure_optimizers(self) -> Any:
         """Adam with two groups: the transforms at ``lr``, the step sizes at ``lr_lr``.

@@ -167,7 +167,8 @@ class SERACTraining:
         }
         values["val/score"] = (values["val/reliability"] + values["val/generalization"]
                                + values["val/locality"]) / 3
-        self.log_dict({k: float(v) for k, v in values.items()}, batch_size=len(batch))
+        self.log_dict({k: float(v) for k, v in values.items()}, batch_size=len(batch),
+                      sync_dist=True)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         """Adam over two groups: the classifier at ``classifier_lr``, the cf model at ``lr``."""
