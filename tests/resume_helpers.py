@@ -47,3 +47,25 @@ class SeenRecords(Callback):
         """Keep the step and the indices of the batch's records."""
         records = batch["records"] if isinstance(batch, dict) else batch
         self.seen.append((trainer.global_step, [r.index for r in records]))
+
+
+class PauseAtTestBatch(Callback):
+    """Pause ``test`` at the start of a given batch: write ``marker`` and sleep (to be killed).
+
+    Args:
+        batch: The index of the test batch at whose start the run pauses.
+        marker: File written when the pause begins.
+    """
+
+    def __init__(self, batch: int, marker: str) -> None:
+        self.batch = batch
+        self.marker = marker
+
+    def on_test_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        """Pause (for ten minutes at most) at batch ``batch``."""
+        if batch_idx == self.batch:
+            Path(self.marker).write_text(str(batch_idx))
+            time.sleep(600)
