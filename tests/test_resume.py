@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader
 from lit_edit.callbacks import RandomStateCheckpoint
 from lit_edit.cli import train_main
 from lit_edit.data.resumable import ResumableLoader
+from lit_edit.sampling import LengthBucketSampler
 
 ROOT = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
@@ -276,3 +277,29 @@ def test_random_states_come_back_when_training_starts() -> None:
     assert random.random() != drawn[0]  # loading alone changes nothing ...
     resumed.on_train_start(None, None)  # type: ignore[arg-type]
     assert (random.random(), float(np.random.rand()), torch.rand(2).tolist()) == drawn
+
+
+def test_length_bucketed_loader_resumes_in_a_later_epoch() -> None:
+    """LTE's loader: the epoch's order comes from ``set_epoch`` (Lightning calls it before each
+    epoch), the position in it from the loader's state."""
+    lengths = [(7 * i) % 13 for i in range(40)]
+
+    def loader() -> ResumableLoader:
+        return ResumableLoader(list(range(40)), batch_sampler=LengthBucketSampler(lengths, 3, 1))
+
+    whole = loader()
+    epochs = []
+    for epoch in range(3):
+        whole.batch_sampler.set_epoch(epoch)
+        epochs.append([b.tolist() for b in whole])
+    assert epochs[1] != epochs[2]
+    killed = loader()
+    killed.batch_sampler.set_epoch(1)
+    it = iter(killed)
+    assert [next(it).tolist() for _ in range(5)] == epochs[1][:5]
+    resumed = loader()
+    resumed.load_state_dict(killed.state_dict())
+    resumed.batch_sampler.set_epoch(1)  # the restored epoch, before the pass starts
+    assert [b.tolist() for b in resumed] == epochs[1][5:]
+    resumed.batch_sampler.set_epoch(2)
+    assert [b.tolist() for b in resumed] == epochs[2]

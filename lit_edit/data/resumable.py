@@ -41,6 +41,7 @@ class ResumableLoader(DataLoader):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._pass_start: torch.Tensor | None = None
+        self._started = False  # whether a pass has begun
         self._batches = 0
         self._resume: dict[str, Any] | None = None
 
@@ -56,6 +57,7 @@ class ResumableLoader(DataLoader):
             if state is not None and self.generator is not None:
                 self.generator.set_state(state)
         self._pass_start = None if self.generator is None else self.generator.get_state()
+        self._started = True
         self._batches = 0
         for batch in super().__iter__():
             self._batches += 1
@@ -66,7 +68,7 @@ class ResumableLoader(DataLoader):
         """The position: the generator state of the pass and the batches handed out of it."""
         if self._resume is not None:  # loaded, and not iterated yet
             return dict(self._resume)
-        if self._pass_start is None or self._batches >= len(self):
+        if not self._started or self._batches >= len(self):
             current = None if self.generator is None else self.generator.get_state()
             return {"generator": current, "batches": 0}
         return {"generator": self._pass_start, "batches": self._batches}
