@@ -257,12 +257,13 @@ def _close_keys(key: str) -> list[str]:
 def _user_error(error: BaseException) -> BaseException | None:
     """The first error of ``error``'s chain that is the user's to fix (one line is enough)."""
     from lit_edit.backbone import BackboneNotFoundError
+    from lit_edit.evaluation_resume import ResultsFolderError
     from lit_edit.records import DataFileError
     from lit_edit.sharding import ShardingError
 
     kinds = (
         DataFileError, CheckpointError, ConfigFileError, BackboneNotFoundError, ShardingError,
-        argparse.ArgumentError,
+        ResultsFolderError, argparse.ArgumentError,
     )
     seen: set[int] = set()
     current: BaseException | None = error

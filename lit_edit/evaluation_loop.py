@@ -21,6 +21,7 @@ from lightning.pytorch.callbacks import Callback
 
 from lit_edit.editing import ParameterSnapshot
 from lit_edit.evaluation import Evaluation
+from lit_edit.evaluation_resume import ResultsFolder, row_order, run_identity
 from lit_edit.evaluation_run import EvaluationRun
 from lit_edit.protocols import EditingProtocol
 from lit_edit.report import markdown_table, plot_sequential
@@ -119,6 +120,10 @@ class EvaluationLoop(Callback):
     records (:func:`shard_start` checks the sharding), the rows of all processes are gathered
     in the records' order and rank 0 alone writes the folder: the same files as one process.
 
+    In one process the folder is written as the run goes (:mod:`lit_edit.evaluation_resume`):
+    each completed group's rows are appended to ``records.jsonl``, and a run killed before its
+    end is continued by the next run given the same folder.
+
     Attributes:
         run: The current (or last) evaluation run.
         report: The tables and the results path of the last run, as printed (``None`` before).
@@ -131,6 +136,7 @@ class EvaluationLoop(Callback):
         self.report: str | None = None
         self._bar: Any = None
         self._rows: list[dict[str, Any]] | None = None  # every rank's rows, once gathered
+        self._folder: ResultsFolder | None = None  # the folder written as the run goes
 
     @staticmethod
     def settings(pl_module: L.LightningModule) -> Evaluation:
@@ -159,6 +165,11 @@ class EvaluationLoop(Callback):
             settings, snapshot=snapshot, device=pl_module.device, progress=progress, start=start
         )
         self._rows = None
+        self._folder = None
+        if trainer.world_size == 1:
+            folder = self.results_dir(trainer, pl_module)
+            self._folder = ResultsFolder(folder, run_identity(trainer, pl_module, settings))
+            self._folder.open(self.run)
 
     def on_test_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
@@ -166,8 +177,11 @@ class EvaluationLoop(Callback):
     ) -> None:
         """Queue the batch's records and run the protocol on every complete group."""
         assert self.run is not None
-        for means in self.run.add(pl_module, batch):
+        groups = self.run.add(pl_module, batch)
+        for means in groups:
             self._log_group(trainer, means)
+        if groups and self._folder is not None:
+            self._folder.save(self.run)
 
     def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Run the last incomplete group and log the aggregated metrics (``test/<metric>``).
@@ -203,7 +217,7 @@ class EvaluationLoop(Callback):
         folder = self.results_dir(trainer, pl_module)
         if trainer.global_rank != 0:
             return
-        rows = sorted(rows, key=lambda r: (r["group"], r["position"], r["index"]))
+        rows = sorted(rows, key=row_order)
         folder.mkdir(parents=True, exist_ok=True)
         with open(folder / "records.jsonl", "w", encoding="utf-8") as f:
             for row in rows:
@@ -212,6 +226,7 @@ class EvaluationLoop(Callback):
         table = markdown_table(summary, method=type(pl_module).__name__)
         (folder / "table.md").write_text(table + "\n")
         plot_sequential(rows, folder / "sequential.png", title=type(pl_module).__name__)
+        (folder / "resume.pt").unlink(missing_ok=True)  # complete: nothing left to continue
         self.report = f"\n{table}\n\nResults written to {folder.resolve()}"
         if not getattr(pl_module, "defer_report", False):
             print(self.report)

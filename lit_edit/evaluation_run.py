@@ -80,6 +80,9 @@ class EvaluationRun:
         self._pending: list[EditRecord] = []
         self._extra_keys: dict[str, None] = {}  # the editor's record_values keys, in order
         self._position = start  # position of the first pending record among all records
+        self._start = start
+        self._resumed_rows: list[dict[str, Any]] = []  # rows of a continued run's done records
+        self._skip = 0  # records still to drop from the input (done before a resume)
         self._entries = self._make_metrics()
         for metric, _ in self._entries.values():
             metric.to(device)
@@ -150,6 +153,11 @@ class EvaluationRun:
         Returns:
             The mean post-edit values of each group that ran.
         """
+        if self._skip:
+            dropped = min(self._skip, len(records))
+            records, self._skip = records[dropped:], self._skip - dropped
+            if self._progress is not None:
+                self._progress(dropped)
         self._pending.extend(records)
         means = []
         size = self.protocol.group_size
@@ -251,7 +259,10 @@ class EvaluationRun:
         Args:
             rows: Every process's rows (default: this process's results).
         """
-        posts = [r.post for r in self.results] if rows is None else [r["post"] for r in rows]
+        if rows is None:
+            posts = [r["post"] for r in self._resumed_rows] + [r.post for r in self.results]
+        else:
+            posts = [r["post"] for r in rows]
         out = {}
         for key in self._extra_keys:
             values = [post[key] for post in posts if post.get(key) is not None]
@@ -261,7 +272,57 @@ class EvaluationRun:
 
     def rows(self) -> list[dict[str, Any]]:
         """This process's per-record rows (``records.jsonl`` lines)."""
-        return [r.to_row() for r in self.results]
+        return self.rows_since(0)
+
+    def rows_since(self, n: int) -> list[dict[str, Any]]:
+        """The rows after the first ``n`` (those not written yet)."""
+        resumed = self._resumed_rows[n:]
+        return resumed + [r.to_row() for r in self.results[max(0, n - len(self._resumed_rows)):]]
+
+    def progress(self) -> dict[str, Any]:
+        """What a continued run needs after the groups run so far (see :meth:`resume`).
+
+        Returns:
+            ``done`` (records of the completed groups), ``position``, ``n_edited``,
+            ``extra_keys`` and ``metrics`` (each metric's torchmetrics state), of tensors and
+            plain values only.
+        """
+        return {
+            "done": self._position - self._start,
+            "position": self._position,
+            "n_edited": self.n_edited,
+            "extra_keys": list(self._extra_keys),
+            "metrics": {
+                name: {k: v.detach().clone().cpu() for k, v in metric.metric_state.items()}
+                for name, metric in self.metrics.items()
+            },
+        }
+
+    def resume(self, progress: dict[str, Any], rows: list[dict[str, Any]]) -> None:
+        """Continue a run from its :meth:`progress` and the rows it wrote.
+
+        The first ``done`` records given to :meth:`add` are dropped (they are done), the metric
+        states are merged into the fresh metrics (``0 + s == s``: the sums then continue exactly
+        as in the uninterrupted run).
+
+        Raises:
+            ValueError: if this run has evaluated records already, or the saved metrics are not
+                this run's.
+        """
+        if self.results or self._pending or self._position != self._start:
+            raise ValueError("resume() must come before any record is evaluated")
+        saved = progress["metrics"]
+        if set(saved) != set(self.metrics):
+            raise ValueError(
+                f"the saved metrics {sorted(saved)} are not this run's {sorted(self.metrics)}"
+            )
+        for name, metric in self.metrics.items():
+            metric.merge_state({k: v.to(metric.device) for k, v in saved[name].items()})
+        self._skip = int(progress["done"])
+        self._position = int(progress["position"])
+        self.n_edited = int(progress["n_edited"])
+        self._extra_keys = dict.fromkeys(progress["extra_keys"])
+        self._resumed_rows = list(rows)
 
     def computed(self) -> dict[str, float | None]:
         """Every metric's value (synced across processes), CounterFact scores flattened."""

@@ -13,7 +13,9 @@ class LengthBucketSampler(Sampler[list[int]]):
     """Seeded batches of sequences of similar length (less padding), in a random order.
 
     Sequences are shuffled, cut into chunks of 32 batches, sorted by length inside a chunk,
-    batched, and the batches shuffled. Epoch ``e`` uses seed ``seed + e``.
+    batched, and the batches shuffled. Epoch ``e`` uses seed ``seed + e``: each pass counts one
+    epoch on, and :meth:`set_epoch` (which Lightning calls before every training epoch) sets it,
+    so a resumed run orders its epoch as the uninterrupted run did.
 
     Args:
         lengths: A length (any unit) per sequence.
@@ -40,6 +42,10 @@ class LengthBucketSampler(Sampler[list[int]]):
             batches += [group[i : i + size] for i in range(0, len(group), size)]
         rng.shuffle(batches)
         return iter(batches)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Order the next pass as epoch ``epoch`` (seed ``seed + epoch``)."""
+        self.epoch = epoch
 
     def __len__(self) -> int:
         chunk = self.batch_size * 32

@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader
 from lit_edit.data.collate import collate_records
 from lit_edit.data.detect import reader_by_name, record_readers
 from lit_edit.data.reading import ReadResult, read_records
+from lit_edit.data.resumable import ResumableLoader
 from lit_edit.data.split import check_fractions, split_indices, subsample
 from lit_edit.data.transfer import move_batch_to_device
 from lit_edit.records import EditRecord
@@ -230,7 +231,8 @@ class EditDataModule(LightningDataModule):
             generator.manual_seed(self.shuffle_seed)
         records = self._split(split)
         sampler = ShardSampler(len(records), self.test_shard_unit) if shard else None
-        return DataLoader(
+        loader = ResumableLoader if split == "train" else DataLoader
+        return loader(
             records,  # type: ignore[arg-type]
             batch_size=self.batch_size if split == "train" else self.eval_batch_size,
             shuffle=shuffle,
@@ -242,7 +244,12 @@ class EditDataModule(LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader[Any]:
-        """Shuffled (seeded with ``shuffle_seed``) batches of training records."""
+        """Shuffled (seeded with ``shuffle_seed``) batches of training records.
+
+        The loader's position in the epoch goes into the checkpoints
+        (:class:`~lit_edit.data.resumable.ResumableLoader`): ``fit --ckpt_path`` continues the
+        epoch where the checkpoint was taken.
+        """
         return self._loader("train", shuffle=True)
 
     def val_dataloader(self) -> DataLoader[Any]:

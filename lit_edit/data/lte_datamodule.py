@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader
 from lit_edit.data.datamodule import EditDataModule
 from lit_edit.data.lte_parallel import ParallelDataBuilder, sample_stats
 from lit_edit.data.reading import read_conversations
+from lit_edit.data.resumable import ResumableLoader
 from lit_edit.data.tinyfacts import load_tinyfacts_world
 from lit_edit.links import Answerer
 from lit_edit.nn.retrieval import DEFAULT_ENCODER, Encoder, load_encoder
@@ -255,10 +256,16 @@ class LTEDataModule(LightningDataModule):
             self.edits.setup(stage)
 
     def train_dataloader(self) -> DataLoader[Any]:
-        """Length-bucketed, seeded batches of training samples."""
+        """Length-bucketed, seeded batches of training samples.
+
+        The loader's position in the epoch goes into the checkpoints
+        (:class:`~lit_edit.data.resumable.ResumableLoader`), the epoch's order comes from the
+        epoch number (:meth:`~lit_edit.sampling.LengthBucketSampler.set_epoch`): ``fit
+        --ckpt_path`` continues the epoch where the checkpoint was taken.
+        """
         samples = self.samples["train"]
         lengths = [len(s.prompt) + len(s.answer) for s in samples]
-        return DataLoader(
+        return ResumableLoader(
             samples,  # type: ignore[arg-type]
             batch_sampler=LengthBucketSampler(lengths, self.batch_size, self.shuffle_seed),
             collate_fn=_collate_pairs,

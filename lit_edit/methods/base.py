@@ -255,10 +255,16 @@ class EditorModule(L.LightningModule, metaclass=_EditorMeta):
 
     # ------------------------------------------------------------------ Lightning plumbing
     def configure_callbacks(self) -> list[Callback]:
-        """Add the editing evaluation of ``test`` (:class:`EvaluationLoop`) to the trainer."""
+        """Add the evaluation of ``test`` and the random states in checkpoints.
+
+        :class:`EvaluationLoop` edits and scores;
+        :class:`~lit_edit.callbacks.RandomStateCheckpoint` lets a resumed ``fit`` continue the
+        random streams.
+        """
+        from lit_edit.callbacks import RandomStateCheckpoint
         from lit_edit.evaluation_loop import EvaluationLoop
 
-        return [EvaluationLoop()]
+        return [EvaluationLoop(), RandomStateCheckpoint()]
 
     def test_step(self, batch: list[EditRecord], batch_idx: int) -> None:
         """Nothing: the :class:`~lit_edit.evaluation_loop.EvaluationLoop` edits and scores."""
