@@ -21,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from lit_edit.nn.layout import MatrixLayout, outer_sum
@@ -48,13 +49,24 @@ class RunningNorm(nn.Module):
 
     @torch.no_grad()
     def update(self, x: torch.Tensor) -> None:
-        """Fold the rows of ``x`` (``[N, dim]``) into the statistics."""
-        n_new = x.shape[0]
+        """Fold the rows of ``x`` (``[N, dim]``) into the statistics.
+
+        In a multi-process run (``torch.distributed`` initialised) every process folds in the
+        rows of every process, in rank order, so the statistics stay the same on all ranks and
+        count every row (DDP would otherwise broadcast rank 0's buffers and drop the others').
+        """
+        x = x.to(self.mean.dtype)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            for n, mean, m2 in _gathered_moments(x):
+                self._fold(n, mean, m2)
+        elif x.shape[0]:
+            mean = x.mean(0)  # [dim]
+            self._fold(x.shape[0], mean, (x - mean).square().sum(0))
+
+    def _fold(self, n_new: int, mean_new: torch.Tensor, m2_new: torch.Tensor) -> None:
+        """Chan's merge of ``n_new`` rows with mean ``mean_new`` and ``m2_new`` into the state."""
         if n_new == 0:
             return
-        x = x.to(self.mean.dtype)
-        mean_new = x.mean(0)  # [dim]
-        m2_new = (x - mean_new).square().sum(0)  # [dim]
         n_old = self.count.item()
         total = n_old + n_new
         diff = mean_new - self.mean
@@ -74,6 +86,18 @@ class RunningNorm(nn.Module):
         if self.count.item() < 2:
             return x
         return (x - self.mean) / (self.std + self.eps)
+
+
+def _gathered_moments(x: torch.Tensor) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
+    """``(rows, mean, m2)`` of ``x`` (``[N, dim]``) on every process, in rank order."""
+    n = x.shape[0]
+    mean = x.mean(0) if n else x.new_zeros(x.shape[1])  # [dim]
+    m2 = (x - mean).square().sum(0) if n else x.new_zeros(x.shape[1])  # [dim]
+    mine = torch.cat([x.new_tensor([float(n)]), mean, m2])  # [1 + 2 dim]
+    rows = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(rows, mine)
+    dim = x.shape[1]
+    return [(int(r[0].item()), r[1 : 1 + dim], r[1 + dim :]) for r in rows]
 
 
 class LowRankResidual(nn.Module):
