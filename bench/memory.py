@@ -11,7 +11,9 @@ which the ``noedit`` reference row measures alone.
 
 MEND and LTE need a checkpoint (``train.py fit``); without one (``--mend-ckpt``/``--lte-ckpt``)
 they run untrained (``--allow_untrained true``): the same tensors and the same work per edit,
-only the edits are worse. The output says which rows are untrained. SERAC uses
+only the edits are worse; untrained LTE runs without its scope head (``scope: null``: an
+untrained head refuses to route), i.e. top-1 retrieval only. The output says which rows are
+untrained. SERAC uses
 ``--serac-ckpt`` (by default the seed-0 checkpoint under ``runs/seeds/``, if present).
 
     python bench/memory.py                                  # every method, T = 100 and 1000
@@ -91,6 +93,8 @@ def command(repo: Path, run: MethodRun, t: int, folder: Path, ckpt: str | None) 
         cmd += ["--ckpt_path", ckpt]
     elif run.name in ("mend", "lte"):
         cmd += ["--allow_untrained", "true"]
+        if run.name == "lte":  # an untrained scope head refuses to route: retrieval only
+            cmd += ["--model.init_args.scope", "null"]
     return cmd
 
 
@@ -140,7 +144,8 @@ def main() -> None:
     for name in args.methods:
         run = runs[name]
         ckpt = ckpts.get(name)
-        trained = "n/a" if name in ("noedit", "ft") else (ckpt and "trained") or "UNTRAINED"
+        trained = "n/a" if name in ("noedit", "ft") else (ckpt and "trained") or (
+            "UNTRAINED, no scope head" if name == "lte" else "UNTRAINED")
         figures = []
         for t in (t1, t2):
             if args.keep is not None:

@@ -225,3 +225,32 @@ def test_a_sequential_group_holds_one_copy_whatever_its_length(name, records) ->
             held[t] = probe.held
     assert abs(held[2] - edited) < 0.25 * edited, (held, edited)
     assert held[12] - held[2] < 0.25 * edited, (held, edited)
+
+
+@pytest.mark.parametrize("failing", [1, 3])
+def test_a_failing_edit_is_rolled_back_with_its_group(failing, records, monkeypatch) -> None:
+    """The group's copy is taken before an edit changes anything, so an edit that fails half
+    way (weights already changed, no handle returned) is undone by the group's rollback; with
+    a handle per edit, a failing first edit left its change in place."""
+    import lit_edit.methods.ft as ft
+
+    editor = build(next(c for c in EDITORS if c.__name__ == "FTEditor"))
+    before = ParameterSnapshot(editor)
+    calls = []
+    real = ft.optimise
+
+    def flaky(params, *args, **kwargs):
+        """The real optimisation, except that one edit fails after changing weights."""
+        calls.append(1)
+        if len(calls) == failing:
+            with torch.no_grad():
+                for p in params:
+                    p.add_(1.0)
+            raise RuntimeError("edit failed half way")
+        return real(params, *args, **kwargs)
+
+    monkeypatch.setattr(ft, "optimise", flaky)
+    with pytest.raises(RuntimeError, match="half way"), torch.inference_mode():
+        SequentialEdit(4, "after_each").run(editor, records[:4], Probe(), group=0)
+    assert len(calls) == failing
+    assert before.differences(editor) == []
