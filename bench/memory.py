@@ -19,6 +19,11 @@ untrained. SERAC uses
     python bench/memory.py                                  # every method, T = 100 and 1000
     python bench/memory.py --methods ft noedit --edits 100 1000
     python bench/memory.py --repo /tmp/main-checkout        # the same runs on another checkout
+    python bench/memory.py --edits-only                     # the edits alone, nothing scored
+
+``--edits-only`` runs the protocol in-process on TinyFacts ``edit_records`` with a measurer that
+scores nothing: the peak RSS growth between the first and the last edit is what the edits keep
+(handles, copies, memories, caches), without the evaluation's per-record state.
 """
 
 from __future__ import annotations
@@ -93,9 +98,7 @@ def command(repo: Path, run: MethodRun, t: int, folder: Path, ckpt: str | None) 
         cmd += ["--ckpt_path", ckpt]
     elif run.name in ("mend", "lte"):
         cmd += ["--allow_untrained", "true"]
-        if run.name == "lte":  # an untrained scope head refuses to route: retrieval only
-            cmd += ["--model.init_args.scope", "null"]
-    return cmd
+    return cmd + model_args(run, ckpt)  # an untrained LTE scope head refuses to route
 
 
 def peak_rss_mb(cmd: list[str], repo: Path, cwd: Path, log: Path) -> tuple[float, float, int]:
@@ -120,32 +123,90 @@ def checkpoints(args: argparse.Namespace, repo: Path) -> dict[str, str | None]:
     return {"mend": args.mend_ckpt, "lte": args.lte_ckpt, "serac": serac}
 
 
-def main() -> None:
-    """Measure and print one table row per method."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--methods", nargs="+", default=["noedit", "ft", "mend", "lte", "serac"])
-    parser.add_argument("--edits", nargs=2, type=int, default=[100, 1000], metavar=("T1", "T2"))
-    parser.add_argument("--repo", type=Path, default=Path(__file__).resolve().parents[1],
-                        help="checkout whose evaluate.py, configs and lit_edit are run")
-    parser.add_argument("--mend-ckpt", default=None)
-    parser.add_argument("--lte-ckpt", default=None)
-    parser.add_argument("--serac-ckpt", default=None)
-    parser.add_argument("--keep", type=Path, default=None, help="keep logs in this folder")
-    args = parser.parse_args()
-    repo = args.repo.resolve()
+def model_args(run: MethodRun, ckpt: str | None) -> list[str]:
+    """Model overrides of an untrained run (LTE without its scope head)."""
+    return ["--model.init_args.scope", "null"] if run.name == "lte" and not ckpt else []
+
+
+def edits_only_child(repo: Path, run: MethodRun, t: int, ckpt: str | None) -> None:
+    """In this process: build the editor, apply ``t`` sequential edits, print RSS figures.
+
+    The protocol runs with a measurer that scores nothing and reads the process's peak RSS at
+    its two calls (before the first edit, after the last), so the difference is what the
+    edits alone keep; then the RSS after the rollback. Records: TinyFacts ``edit_records``.
+    """
+    import json
+    import resource
+
+    import torch
+
+    from lit_edit.cli import LitEditCLI
+    from lit_edit.protocols import SequentialEdit
+    from lit_edit.world import load_world, resolve_tinyfacts
+
+    torch.set_num_threads(1)
+    args = [a for c in run.configs for a in ("--config", str(repo / c))]
+    args += ["--trainer.logger", "false", *model_args(run, ckpt)]
+    editor = LitEditCLI(args=args, run=False).model
+    if ckpt:
+        checkpoint = torch.load(ckpt, map_location="cpu", weights_only=False)
+        editor.on_load_checkpoint(checkpoint)
+        editor.load_state_dict(checkpoint["state_dict"])
+    records = load_world(resolve_tinyfacts("tinyfacts")).edit_records(t, seed=0)
+    peaks: list[float] = []
+
+    class Probe:
+        """Reads the peak RSS instead of scoring."""
+
+        def measure(self, editor: object, records: list, parallel: bool = False) -> list:
+            """Record the peak RSS so far (MB)."""
+            peaks.append(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+            return [None] * len(records)
+
+        def values(self, pre: object, post: object, is_pre: bool = False) -> dict:
+            """No values."""
+            return {}
+
+    with torch.inference_mode():
+        SequentialEdit(t, "after_group").run(editor, records, Probe(), group=0)
+    print(json.dumps({"before": peaks[0], "after": peaks[1]}))
+
+
+def edits_only(repo: Path, run: MethodRun, t: int, ckpt: str | None) -> tuple[float, float]:
+    """Peak RSS (MB) before the first and after the last of ``t`` edits, in a fresh process."""
+    import json
+
+    env = dict(os.environ, PYTHONPATH=str(repo), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
+               HF_HUB_OFFLINE="1")
+    cmd = [sys.executable, __file__, "--repo", str(repo), "--child", run.name, str(t),
+           ckpt or ""]
+    with tempfile.TemporaryDirectory() as cwd:
+        out = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    if out.returncode != 0:
+        print(f"{run.name} T={t} failed:\n{out.stderr[-3000:]}", file=sys.stderr)
+        return float("nan"), float("nan")
+    figures = json.loads(out.stdout.strip().splitlines()[-1])
+    return figures["before"], figures["after"]
+
+
+def label(name: str, ckpt: str | None) -> str:
+    """Whether the row's editor is trained."""
+    if name in ("noedit", "ft"):
+        return "n/a"
+    if ckpt:
+        return "trained"
+    return "UNTRAINED, no scope head" if name == "lte" else "UNTRAINED"
+
+
+def cli_table(args: argparse.Namespace, repo: Path, ckpts: dict[str, str | None]) -> None:
+    """Peak RSS of whole ``evaluate.py`` runs (edits and scoring), one row per method."""
     runs = method_runs()
-    ckpts = checkpoints(args, repo)
     t1, t2 = args.edits
-    commit = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"],
-                            capture_output=True, text=True).stdout.strip()
-    print(f"repo {repo} @ {commit}; peak RSS (MB) of evaluate.py, one sequential group of T")
     print(f"| method | checkpoint | T={t1} | T={t2} | MB per extra edit | time T={t2} (s) |")
     print("|---|---|---|---|---|---|")
     for name in args.methods:
         run = runs[name]
         ckpt = ckpts.get(name)
-        trained = "n/a" if name in ("noedit", "ft") else (ckpt and "trained") or (
-            "UNTRAINED, no scope head" if name == "lte" else "UNTRAINED")
         figures = []
         for t in (t1, t2):
             if args.keep is not None:
@@ -162,8 +223,58 @@ def main() -> None:
         (r1, _, c1), (r2, s2, c2) = figures
         per_edit = (r2 - r1) / (t2 - t1)
         mark = "" if c1 == c2 == 0 else " (FAILED)"
-        print(f"| {name}{mark} | {trained} | {r1:.0f} | {r2:.0f} | {per_edit:.3f} | {s2:.0f} |",
-              flush=True)
+        print(f"| {name}{mark} | {label(name, ckpt)} | {r1:.0f} | {r2:.0f} | {per_edit:.3f} "
+              f"| {s2:.0f} |", flush=True)
+
+
+def edits_table(args: argparse.Namespace, repo: Path, ckpts: dict[str, str | None]) -> None:
+    """Peak RSS growth of the edits alone (no scoring), one row per method."""
+    runs = method_runs()
+    t1, t2 = args.edits
+    print(f"| method | checkpoint | + during {t1} edits | + during {t2} edits "
+          "| MB per extra edit |")
+    print("|---|---|---|---|---|")
+    for name in args.methods:
+        ckpt = ckpts.get(name)
+        grown = []
+        for t in (t1, t2):
+            before, after = edits_only(repo, runs[name], t, ckpt)
+            grown.append(after - before)
+        per_edit = (grown[1] - grown[0]) / (t2 - t1)
+        print(f"| {name} | {label(name, ckpt)} | {grown[0]:.1f} | {grown[1]:.1f} "
+              f"| {per_edit:.3f} |", flush=True)
+
+
+def main() -> None:
+    """Measure and print one table row per method."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--methods", nargs="+", default=["noedit", "ft", "mend", "lte", "serac"])
+    parser.add_argument("--edits", nargs=2, type=int, default=[100, 1000], metavar=("T1", "T2"))
+    parser.add_argument("--repo", type=Path, default=Path(__file__).resolve().parents[1],
+                        help="checkout whose evaluate.py, configs and lit_edit are run")
+    parser.add_argument("--mend-ckpt", default=None)
+    parser.add_argument("--lte-ckpt", default=None)
+    parser.add_argument("--serac-ckpt", default=None)
+    parser.add_argument("--keep", type=Path, default=None, help="keep logs in this folder")
+    parser.add_argument("--edits-only", action="store_true",
+                        help="measure the edits alone (the protocol in-process, no scoring)")
+    parser.add_argument("--child", nargs=3, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    repo = args.repo.resolve()
+    if args.child:
+        name, t, ckpt = args.child
+        edits_only_child(repo, method_runs()[name], int(t), ckpt or None)
+        return
+    ckpts = checkpoints(args, repo)
+    commit = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"],
+                            capture_output=True, text=True).stdout.strip()
+    if args.edits_only:
+        print(f"repo {repo} @ {commit}; peak RSS growth (MB) during one sequential group of T "
+              "edits, nothing scored (in-process protocol, fresh process per figure)")
+        edits_table(args, repo, ckpts)
+    else:
+        print(f"repo {repo} @ {commit}; peak RSS (MB) of evaluate.py, one sequential group of T")
+        cli_table(args, repo, ckpts)
 
 
 if __name__ == "__main__":
