@@ -25,6 +25,11 @@ class EditHandle:
         """Whether :meth:`restore` has run."""
         return self._restored
 
+    @property
+    def saved_bytes(self) -> int:
+        """Bytes of the tensor copies the handle holds to restore (0 once restored)."""
+        return 0
+
     def restore(self) -> None:
         """Bring the editor back to its state before the edit (idempotent)."""
         if not self._restored:
@@ -57,10 +62,16 @@ class WeightsHandle(EditHandle):
         super().__init__()
         self._saved = [(p, p.detach().clone()) for p in params]
 
+    @property
+    def saved_bytes(self) -> int:
+        """Bytes of the copies (one per parameter)."""
+        return sum(copy.nbytes for _, copy in self._saved)
+
     def _restore(self) -> None:
         with torch.no_grad():
             for param, original in self._saved:
                 param.copy_(original)
+        self._saved.clear()  # the copies are not needed any more
 
 
 class CallbackHandle(EditHandle):
@@ -99,10 +110,131 @@ class HandleStack(EditHandle):
     def __len__(self) -> int:
         return len(self._handles)
 
+    @property
+    def saved_bytes(self) -> int:
+        """Bytes of the copies held by the handles on the stack."""
+        return sum(h.saved_bytes for h in self._handles)
+
     def _restore(self) -> None:
         for handle in reversed(self._handles):
             handle.restore()
         self._handles.clear()
+
+
+class EditSequence(HandleStack):
+    """Edits applied one after another and undone together, with one copy of what they change.
+
+    What the sequential protocol keeps for a group (:func:`~lit_edit.editor.open_sequence`).
+    A sequence restores only at its end, to the state before its first edit, so a parameter
+    changed in place needs one copy per sequence, not one per edit: an editor asks
+    :meth:`cover` (through :meth:`EditorSequences.weights_handle`) before changing parameters,
+    the sequence copies those it has not copied yet, and the edit's handle is a
+    :class:`CoveredEdit` holding nothing. Other handles (e.g. an edit memory's truncation) are
+    pushed and undone in reverse order, interleaved with the copies in the order they were
+    taken, so that restoring is bit-exact whatever mix of handles the sequence holds.
+
+    Restored (or exited), the sequence holds nothing; a restored sequence cannot cover again.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._covered: set[int] = set()  # ids of the parameters copied (alive: held by a copy)
+
+    def __enter__(self) -> EditSequence:
+        return self
+
+    def cover(self, params: Iterable[nn.Parameter]) -> CoveredEdit:
+        """Copy the parameters not copied yet in this sequence; the edit's (empty) handle.
+
+        Call it before changing ``params`` in place, like :class:`WeightsHandle`.
+
+        Args:
+            params: The parameters the edit is about to change.
+
+        Returns:
+            The edit's handle: restored with the sequence, it cannot undo its edit alone.
+
+        Raises:
+            RuntimeError: if the sequence was already restored.
+        """
+        if self.restored:
+            raise RuntimeError("this edit sequence was restored: open a new one")
+        new = list({id(p): p for p in params if id(p) not in self._covered}.values())
+        if new:
+            self._handles.append(WeightsHandle(new))
+            self._covered.update(id(p) for p in new)
+        return CoveredEdit(self)
+
+    def push(self, handle: EditHandle) -> None:
+        """Add the handle of a newer edit (a handle covered by this sequence is not kept)."""
+        if isinstance(handle, CoveredEdit) and handle.sequence is self:
+            return
+        super().push(handle)
+
+    def _restore(self) -> None:
+        super()._restore()
+        self._covered.clear()
+
+
+class CoveredEdit(EditHandle):
+    """The handle of an edit inside an :class:`EditSequence`, whose copy the sequence holds.
+
+    It holds no tensor. Its edit is undone when the sequence is restored; restoring it alone
+    before that raises (no copy was taken for this edit alone), after that it is a no-op.
+
+    Args:
+        sequence: The sequence whose copies cover the edit.
+    """
+
+    def __init__(self, sequence: EditSequence) -> None:
+        super().__init__()
+        self.sequence = sequence
+
+    def _restore(self) -> None:
+        if not self.sequence.restored:
+            raise RuntimeError(
+                "this edit was applied inside an edit sequence (the sequential protocol's "
+                "group), which holds one copy of the weights for all its edits: restore the "
+                "sequence, not one of its edits"
+            )
+
+
+class EditorSequences:
+    """The edit sequences open on one editor, and the handles its in-place edits get.
+
+    An editor that changes parameters in place owns one and makes its edit handles with
+    :meth:`weights_handle`: outside any sequence a :class:`WeightsHandle` (a copy per edit:
+    single and batch edits restore each edit bit-exactly); inside the innermost open sequence
+    (:meth:`open`), that sequence's single copy.
+    """
+
+    def __init__(self) -> None:
+        self._open: list[EditSequence] = []
+
+    def open(self) -> EditSequence:
+        """Open a sequence; it is the innermost one until it is restored."""
+        self._prune()
+        sequence = EditSequence()
+        self._open.append(sequence)
+        return sequence
+
+    def weights_handle(self, params: Sequence[nn.Parameter]) -> EditHandle:
+        """The handle of an edit about to change ``params`` in place (call it before).
+
+        Args:
+            params: The parameters the edit changes.
+
+        Returns:
+            A :class:`WeightsHandle`, or a :class:`CoveredEdit` inside an open sequence.
+        """
+        self._prune()
+        if self._open:
+            return self._open[-1].cover(params)
+        return WeightsHandle(params)
+
+    def _prune(self) -> None:
+        """Forget the sequences restored since (innermost first)."""
+        self._open = [s for s in self._open if not s.restored]
 
 
 def _copy(value: Any) -> Any:

@@ -12,7 +12,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-from lit_edit.editing import EditHandle
+from lit_edit.editing import EditHandle, HandleStack
 from lit_edit.records import EditRecord, QAPair
 from lit_edit.scoring import GeneratedAnswer, Generation, PairScore
 
@@ -32,7 +32,10 @@ class Editor(Protocol):
     def edit(self, records: Sequence[EditRecord]) -> EditHandle:
         """Apply the edits of ``records`` together; the handle restores the state bit-exactly.
 
-        Called by the protocols with grad enabled (outside any inference mode).
+        Called by the protocols with grad enabled (outside any inference mode). An editor may
+        also have ``edit_sequence()`` (optional, see :func:`open_sequence`): inside a sequence
+        it opened, an edit's handle may rely on the sequence's copies and be undone only with
+        the sequence.
         """
         ...
 
@@ -108,6 +111,22 @@ def apply_parallel_edits(editor: Editor, records: Sequence[EditRecord]) -> Paral
         )
     with torch.inference_mode(False), torch.enable_grad():
         return parallel(records)
+
+
+def open_sequence(editor: Editor) -> HandleStack:
+    """Start a sequence of edits undone together (the sequential protocol's group).
+
+    ``editor.edit_sequence()`` when the editor has one (every
+    :class:`~lit_edit.methods.base.EditorModule`: one copy of what the edits change, however
+    many they are, :class:`~lit_edit.editing.EditSequence`); otherwise a
+    :class:`~lit_edit.editing.HandleStack` of the per-edit handles. Either way, push each
+    edit's handle and restore (or exit) once, at the end.
+
+    Returns:
+        The sequence (a handle stack).
+    """
+    start = getattr(editor, "edit_sequence", None)
+    return start() if start is not None else HandleStack()
 
 
 def apply_edit(editor: Editor, records: Sequence[EditRecord]) -> EditHandle:

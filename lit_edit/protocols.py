@@ -12,8 +12,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
-from lit_edit.editing import HandleStack
-from lit_edit.editor import Editor, apply_edit, apply_parallel_edits
+from lit_edit.editor import Editor, apply_edit, apply_parallel_edits, open_sequence
 from lit_edit.record_measure import RecordMeasure
 from lit_edit.records import EditRecord
 
@@ -290,6 +289,11 @@ class SequentialEdit(EditingProtocol):
     (the WISE and KnowEdit papers); ``"after_each"`` scores each record right after its own edit
     (EasyEdit since June 2026, LTE's SeqEdit scripts).
 
+    A group is one edit sequence (:func:`~lit_edit.editor.open_sequence`): the editor keeps one
+    copy of what the group's edits change in place, taken before the first, not one per edit,
+    so memory does not grow with T for weight editors (an edit memory grows by its entries);
+    the rollback at the end of the group is bit-exact, even when an edit or the scoring fails.
+
     Args:
         group_size: T, the number of edits kept before rolling back.
         evaluate: ``"after_group"`` or ``"after_each"`` (required: there is no implicit default).
@@ -312,9 +316,9 @@ class SequentialEdit(EditingProtocol):
         """Edit one by one, keep the edits, score, roll back (see :meth:`EditingProtocol.run`)."""
         pre = evaluator.measure(editor, records)
         post = []
-        with HandleStack() as stack:
+        with open_sequence(editor) as sequence:
             for record in records:
-                stack.push(apply_edit(editor, [record]))
+                sequence.push(apply_edit(editor, [record]))
                 _tick(progress, 1)
                 if self.evaluate == "after_each":
                     post.extend(evaluator.measure(editor, [record]))

@@ -12,7 +12,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from lit_edit.backbone import Backbone
-from lit_edit.editing import EditHandle
+from lit_edit.editing import EditHandle, EditorSequences, EditSequence
 from lit_edit.evaluation import Evaluation
 from lit_edit.records import EditRecord, QAPair
 from lit_edit.scoring import GeneratedAnswer, Generation, PairScore
@@ -29,7 +29,8 @@ class EditorModule(L.LightningModule, metaclass=_EditorMeta):
     """Base class of every knowledge editor (the contract: :class:`~lit_edit.editor.Editor`).
 
     A subclass implements :meth:`edit` (apply edits, return a handle that restores them
-    bit-exactly; a class without it cannot be instantiated), and ``training_step`` /
+    bit-exactly; a class without it cannot be instantiated; an edit that changes parameters in
+    place makes its handle with :meth:`weights_handle`), and ``training_step`` /
     ``configure_optimizers`` if it learns anything. Methods that answer from a prompt with the
     edit in it (IKE, LTE) override the one hook :meth:`contextualise`; methods that answer
     through something else than the backbone (SERAC's counterfactual model) override
@@ -75,6 +76,7 @@ class EditorModule(L.LightningModule, metaclass=_EditorMeta):
         self.tokenizer = self.backbone.load_tokenizer()
         self.model.requires_grad_(False)
         self.evaluation = Evaluation()
+        self._sequences = EditorSequences()
 
     def test_shard_unit(self) -> int:
         """Consecutive test records one process evaluates together in a multi-process ``test``.
@@ -99,6 +101,37 @@ class EditorModule(L.LightningModule, metaclass=_EditorMeta):
         Returns:
             A handle whose ``restore()`` brings the editor back bit-exactly.
         """
+
+    def weights_handle(self, params: Sequence[torch.nn.Parameter]) -> EditHandle:
+        """The handle of an edit about to change ``params`` in place: call it before changing them.
+
+        Outside an edit sequence, a :class:`~lit_edit.editing.WeightsHandle` (a copy of each
+        parameter: the edit alone is restored bit-exactly, as the single and batch protocols
+        need). Inside one (:meth:`edit_sequence`, the sequential protocol's group), the
+        sequence copies each parameter once, at its first edit, and the handle holds nothing
+        (:class:`~lit_edit.editing.CoveredEdit`: restored with the sequence, not alone).
+
+        Args:
+            params: The parameters the edit changes.
+
+        Returns:
+            The edit's handle.
+        """
+        return self._sequences.weights_handle(params)
+
+    def edit_sequence(self) -> EditSequence:
+        """Open a sequence of edits kept one after another and undone together.
+
+        Push each edit's handle on it; its ``restore()`` (or context exit) brings the editor
+        back bit-exactly to its state at the opening. It holds one copy of each parameter its
+        edits change in place (:meth:`weights_handle`), whatever the number of edits, plus the
+        other handles (e.g. edit-memory truncations). Until it is restored, every in-place edit
+        of this editor is covered by it. :func:`~lit_edit.editor.open_sequence` calls it.
+
+        Returns:
+            The open sequence.
+        """
+        return self._sequences.open()
 
     def contextualise(self, prompts: Sequence[str]) -> list[str]:
         """The prompts the backbone is given for ``prompts`` under the current state.

@@ -9,7 +9,7 @@ import torch
 
 from lit_edit.backbone import Backbone, find_module, find_parameter
 from lit_edit.data.collate import PairCollator
-from lit_edit.editing import EditHandle, WeightsHandle
+from lit_edit.editing import EditHandle
 from lit_edit.methods.base import EditorModule
 from lit_edit.nn.edit_optim import optimise
 from lit_edit.nn.layout import matrix_layout, mlp_out_name
@@ -89,9 +89,10 @@ class FTEditor(EditorModule):
             records: Records edited together.
 
         Returns:
-            A handle restoring the inner parameters bit-exactly.
+            A handle restoring the inner parameters bit-exactly (inside an edit sequence, restored
+            with the sequence: :meth:`~lit_edit.methods.base.EditorModule.weights_handle`).
         """
-        handle = WeightsHandle(self.inner)
+        handle = self.weights_handle(self.inner)
         collate = PairCollator(self.tokenizer, padding_side="right")
         batch = collate([r.edit_pair for r in records])
         batch = {k: v.to(self.device) for k, v in batch.items() if torch.is_tensor(v)}

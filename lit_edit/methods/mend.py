@@ -10,7 +10,7 @@ import torch
 from lit_edit.backbone import Backbone, find_module, find_parameter
 from lit_edit.data.collate import EditCollator
 from lit_edit.data.transfer import move_batch_to_device
-from lit_edit.editing import EditHandle, WeightsHandle
+from lit_edit.editing import EditHandle
 from lit_edit.methods.base import EditorModule
 from lit_edit.methods.mend_training import MENDTraining
 from lit_edit.nn.hooks import capture_factors
@@ -197,7 +197,8 @@ class MENDEditor(MENDTraining, EditorModule):
             records: Records edited together (their factors are pooled, as in MEND).
 
         Returns:
-            A handle restoring the inner matrices bit-exactly.
+            A handle restoring the inner matrices bit-exactly (inside an edit sequence, restored
+            with the sequence: :meth:`~lit_edit.methods.base.EditorModule.weights_handle`).
         """
         was_training = self.network.training
         batch = self.collator.pairs([r.edit_pair for r in records])
@@ -208,7 +209,7 @@ class MENDEditor(MENDTraining, EditorModule):
                 deltas = self.updates(batch)
         finally:
             self.network.train(was_training)
-        handle = WeightsHandle(self.inner)
+        handle = self.weights_handle(self.inner)
         with torch.no_grad():
             for param, delta in zip(self.inner, deltas, strict=True):
                 param.add_(delta.to(param.dtype))

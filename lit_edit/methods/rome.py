@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from lit_edit.backbone import Backbone, find_module, find_parameter
-from lit_edit.editing import EditHandle, WeightsHandle
+from lit_edit.editing import EditHandle
 from lit_edit.methods.base import EditorModule
 from lit_edit.nn.fact_tokens import context_prefixes, requests_of
 from lit_edit.nn.layer_stats import (
@@ -214,7 +214,8 @@ class ROMEEditor(EditorModule):
             records: Exactly one record with a ``subject`` occurring in its prompt.
 
         Returns:
-            A handle restoring the matrix bit-exactly.
+            A handle restoring the matrix bit-exactly (inside an edit sequence, restored
+            with the sequence: :meth:`~lit_edit.methods.base.EditorModule.weights_handle`).
 
         Raises:
             ValueError: for more than one record, or a record without a usable subject.
@@ -236,6 +237,6 @@ class ROMEEditor(EditorModule):
             update = rank_one_update(bare, values.delta[0], moment, direction_key=key)
         else:
             update = rank_one_update(key, values.delta[0], moment)  # [d_out, d_in]
-        handle = WeightsHandle([weight])
+        handle = self.weights_handle([weight])
         apply_matrix_update(weight, self.layout, update)
         return handle
