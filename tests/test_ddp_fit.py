@@ -1,10 +1,10 @@
 """A DDP ``fit`` of MEND on 2 CPU processes equals one process with the same global batch.
 
 Two processes with 1 record each per step average their gradients; one process accumulating 2
-batches of 1 record sums half of each. Lightning's distributed sampler draws the same epoch-0
-permutation as the data module's seeded shuffle (``shuffle_seed`` 0 = the global seed 0), and
-hands rank ``r`` positions ``r, r + 2, ...``: the two runs see the same records in the same
-steps, so their final networks agree up to the float order of the gradient sums. The 2-process
+batches of 1 record sums half of each. The data module deals the one-process order out to the
+processes (:class:`~lit_edit.data.global_order.GlobalOrderSampler`; Lightning's own
+distributed shuffle is another permutation), so the two runs see the same records in the same
+steps and their final networks agree up to the float order of the gradient sums. The 2-process
 run is a subprocess (Lightning's DDP re-launches the command, which cannot happen in pytest).
 
 MEND's running normalisation of the gradient factors is compared on its own: under DDP every
@@ -27,14 +27,32 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import yaml
 from lightning.pytorch import seed_everything
+from torch.utils.data import DataLoader
 
 from lit_edit.cli import train_main
+from lit_edit.data.global_order import GlobalOrderSampler, one_process_order
 from lit_edit.methods import MENDEditor
 from lit_edit.nn.mend import RunningNorm
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "mend" / "tinyfacts.yaml"
 STEPS = 6
+
+def test_the_processes_share_the_one_process_order_epoch_after_epoch() -> None:
+    generator = torch.Generator().manual_seed(7)
+    loader = DataLoader(list(range(11)), batch_size=1, shuffle=True, generator=generator,
+                        collate_fn=lambda batch: batch[0])
+    for epoch in range(3):
+        single = list(loader)
+        assert single == one_process_order(11, 7, epoch) and sorted(single) == list(range(11))
+        shares = []
+        for rank in (0, 1):
+            sampler = GlobalOrderSampler(11, 7, num_replicas=2, rank=rank)
+            sampler.set_epoch(epoch)
+            shares.append(list(sampler))
+        padded = single + single[:1]  # 12 = 2 x 6: the first position is repeated
+        assert shares == [padded[0::2], padded[1::2]]
+
 
 needs_gloo = pytest.mark.skipif(
     not (dist.is_available() and dist.is_gloo_available()),
@@ -101,10 +119,6 @@ def _learned(path: Path) -> dict[str, torch.Tensor]:
 
 @pytest.mark.slow
 @needs_gloo
-@pytest.mark.xfail(strict=True, reason=(
-    "open (#15 item 1): after ONE step the 2-process run's network differs from one process "
-    "accumulating the same 2 records by 2·lr on every parameter Adam moved, i.e. the DDP "
-    "gradient has the opposite sign or another direction; not yet understood"))
 def test_ddp_fit_of_mend_equals_one_process_with_the_same_global_batch(tmp_path: Path) -> None:
     torch.set_num_threads(1)
     single = tmp_path / "single"

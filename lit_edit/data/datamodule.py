@@ -7,10 +7,11 @@ from typing import Any, Literal
 
 import torch
 from lightning.pytorch import LightningDataModule
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Sampler
 
 from lit_edit.data.collate import collate_records
 from lit_edit.data.detect import reader_by_name, record_readers
+from lit_edit.data.global_order import GlobalOrderSampler
 from lit_edit.data.reading import ReadResult, read_records
 from lit_edit.data.resumable import ResumableLoader
 from lit_edit.data.split import check_fractions, split_indices, subsample
@@ -230,12 +231,19 @@ class EditDataModule(LightningDataModule):
             generator = torch.Generator()
             generator.manual_seed(self.shuffle_seed)
         records = self._split(split)
-        sampler = ShardSampler(len(records), self.test_shard_unit) if shard else None
+        sampler: Sampler[int] | None = (
+            ShardSampler(len(records), self.test_shard_unit) if shard else None
+        )
+        trainer = self.trainer
+        if shuffle and trainer is not None and trainer.world_size > 1:
+            # the one-process order dealt out to the processes (not Lightning's own shuffle)
+            sampler = GlobalOrderSampler(len(records), self.shuffle_seed,
+                                         trainer.world_size, trainer.global_rank)
         loader = ResumableLoader if split == "train" else DataLoader
         return loader(
             records,  # type: ignore[arg-type]
             batch_size=self.batch_size if split == "train" else self.eval_batch_size,
-            shuffle=shuffle,
+            shuffle=shuffle and sampler is None,
             sampler=sampler,
             generator=generator,
             collate_fn=collate_records,
@@ -245,6 +253,10 @@ class EditDataModule(LightningDataModule):
 
     def train_dataloader(self) -> DataLoader[Any]:
         """Shuffled (seeded with ``shuffle_seed``) batches of training records.
+
+        With several processes each takes its share of the one-process order
+        (:class:`~lit_edit.data.global_order.GlobalOrderSampler`), so ``W`` processes with
+        batch ``B`` train on the records of one process accumulating ``W`` batches of ``B``.
 
         The loader's position in the epoch goes into the checkpoints
         (:class:`~lit_edit.data.resumable.ResumableLoader`): ``fit --ckpt_path`` continues the
