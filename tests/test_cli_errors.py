@@ -176,15 +176,9 @@ def test_train_without_model_is_one_line(monkeypatch: pytest.MonkeyPatch) -> Non
 MEND = str(ROOT / "configs" / "mend" / "tinyfacts.yaml")
 
 
-def test_train_data_error_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    good = {
-        "subject": "Ann", "src": "Where does Ann live?", "rephrase": "Where is Ann's home?",
-        "alt": "Rome", "answers": ["Oslo"], "loc": "nq question: x", "loc_ans": "y",
-    }
-    data = tmp_path / "train.json"
-    data.write_text(json.dumps([good, {**good, "alt": ""}]))
-    overlay = tmp_path / "data.yaml"
-    overlay.write_text(yaml.safe_dump({
+def _train_overlay(tmp_path: Path, data: Path, model: dict | None = None) -> Path:
+    """A 2-step ``fit`` overlay on ``data`` (train and validation), nothing written."""
+    config = {
         "trainer": {
             "max_steps": 2, "logger": False, "enable_progress_bar": False, "callbacks": [],
         },
@@ -192,7 +186,22 @@ def test_train_data_error_is_one_line(tmp_path: Path, monkeypatch: pytest.Monkey
             "class_path": "lit_edit.data.EditDataModule",
             "init_args": {"train_path": str(data), "val_path": str(data), "format": "zsre"},
         },
-    }))
+    }
+    if model is not None:
+        config["model"] = model
+    overlay = tmp_path / "data.yaml"
+    overlay.write_text(yaml.safe_dump(config))
+    return overlay
+
+
+def test_train_data_error_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    good = {
+        "subject": "Ann", "src": "Where does Ann live?", "rephrase": "Where is Ann's home?",
+        "alt": "Rome", "answers": ["Oslo"], "loc": "nq question: x", "loc_ans": "y",
+    }
+    data = tmp_path / "train.json"
+    data.write_text(json.dumps([good, {**good, "alt": ""}]))
+    overlay = _train_overlay(tmp_path, data)
     message = command_line(
         monkeypatch, train_main, "fit", "--config", MEND, "--config", str(overlay)
     )
@@ -423,17 +432,7 @@ def test_train_max_length_too_short_for_an_answer_fails_at_start(
     long_answer = " ".join(["Rome"] * 30)  # at least 30 tokens: more than max_length 12
     data = tmp_path / "train.json"
     data.write_text(json.dumps([good, good, {**good, "loc_ans": long_answer}]))
-    overlay = tmp_path / "data.yaml"
-    overlay.write_text(yaml.safe_dump({
-        "trainer": {
-            "max_steps": 2, "logger": False, "enable_progress_bar": False, "callbacks": [],
-        },
-        "model": {"init_args": {"max_length": 12}},
-        "data": {
-            "class_path": "lit_edit.data.EditDataModule",
-            "init_args": {"train_path": str(data), "val_path": str(data), "format": "zsre"},
-        },
-    }))
+    overlay = _train_overlay(tmp_path, data, {"init_args": {"max_length": 12}})
     message = command_line(
         monkeypatch, train_main, "fit", "--config", MEND, "--config", str(overlay)
     )

@@ -12,6 +12,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from lit_edit.backbone import Backbone
+from lit_edit.data.collate import PairCollator, check_collatable
 from lit_edit.editing import EditHandle, EditorSequences, EditSequence
 from lit_edit.evaluation import Evaluation
 from lit_edit.records import EditRecord, QAPair
@@ -287,6 +288,29 @@ class EditorModule(L.LightningModule, metaclass=_EditorMeta):
                 state[key] = value
 
     # ------------------------------------------------------------------ Lightning plumbing
+    def training_collation(self) -> tuple[Any, PairCollator] | None:
+        """The batch builder ``fit`` tokenizes records with, and its :class:`PairCollator`.
+
+        ``None`` (the default): the method does not tokenize records for training with a
+        ``max_length``. A method that does returns both, and :meth:`setup` checks every
+        training and validation record against the collator's ``max_length`` before the first
+        step (an answer is never truncated).
+        """
+        return None
+
+    def setup(self, stage: str) -> None:
+        """At the start of ``fit``: every training and validation record fits ``max_length``.
+
+        Raises:
+            DataFileError: naming the first record with an answer longer than ``max_length``.
+        """
+        collation = self.training_collation()
+        records = getattr(getattr(self._trainer, "datamodule", None), "records", None)
+        if stage != "fit" or collation is None or not isinstance(records, dict):
+            return
+        for split in ("train", "val"):
+            check_collatable(records.get(split, []), *collation, split)
+
     def configure_callbacks(self) -> list[Callback]:
         """Add the evaluation of ``test`` and the random states in checkpoints.
 

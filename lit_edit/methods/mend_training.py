@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch.func import functional_call
 
-from lit_edit.data.collate import check_collatable
+from lit_edit.data.collate import PairCollator
 from lit_edit.nn.losses import agreement, locality_kl, masked_nll, token_accuracy
 from lit_edit.records import EditRecord
 from lit_edit.tokenization import stack_right_padded
@@ -36,17 +36,9 @@ class MENDTraining:
             batch["locality"]["record_index"] = torch.tensor([i for i, _ in rows])
         return batch
 
-    def setup(self, stage: str) -> None:
-        """At the start of ``fit``: every training and validation record fits ``max_length``.
-
-        Raises:
-            DataFileError: naming the first record with an answer longer than ``max_length``.
-        """
-        records = getattr(getattr(self._trainer, "datamodule", None), "records", None)
-        if stage != "fit" or not isinstance(records, dict):
-            return
-        for split in ("train", "val"):
-            check_collatable(records.get(split, []), self.collate, self.collator.pairs, split)
+    def training_collation(self) -> tuple[Any, PairCollator]:
+        """The batch builder of ``fit`` and its pair collator (checked when ``fit`` starts)."""
+        return self.collate, self.collator.pairs
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Tokenize training/validation records with :meth:`collate` (test keeps records)."""

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lit_edit.data.collate import check_collatable
+from lit_edit.data.collate import PairCollator
 from lit_edit.editor import apply_edit
 from lit_edit.nn.losses import masked_nll
 from lit_edit.nn.scope import in_scope_questions
@@ -26,17 +26,9 @@ class SERACTraining:
         """Keep batches as lists of records (the losses tokenize what they need)."""
         return batch
 
-    def setup(self, stage: str) -> None:
-        """At the start of ``fit``: every training and validation record fits ``max_length``.
-
-        Raises:
-            DataFileError: naming the first record with an answer longer than ``max_length``.
-        """
-        records = getattr(getattr(self._trainer, "datamodule", None), "records", None)
-        if stage != "fit" or not isinstance(records, dict):
-            return
-        for split in ("train", "val"):
-            check_collatable(records.get(split, []), self._training_pairs, self.collator, split)
+    def training_collation(self) -> tuple[Any, PairCollator]:
+        """The batch builder of ``fit`` and its pair collator (checked when ``fit`` starts)."""
+        return self._training_pairs, self.collator
 
     def _training_pairs(self, records: Sequence[EditRecord]) -> dict[str, torch.Tensor]:
         """The base-model batch of ``records``' training queries (in scope and locality)."""
