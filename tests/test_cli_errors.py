@@ -438,3 +438,23 @@ def test_train_max_length_too_short_for_an_answer_fails_at_start(
     )
     assert f"error: {data}: record 2: train split: max_length=12 leaves no room" in message
     assert "raise the method's max_length (now 12)" in message
+
+
+def test_train_long_records_skip_leaves_them_out_and_says_so(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    good = {
+        "subject": "Ann", "src": "Where does Ann live?", "rephrase": "Where is Ann's home?",
+        "alt": "Rome", "answers": ["Oslo"], "loc": "nq question: x", "loc_ans": "y",
+    }
+    data = tmp_path / "train.json"
+    data.write_text(json.dumps([good, {**good, "loc_ans": " ".join(["Rome"] * 30)}, good]))
+    overlay = _train_overlay(
+        tmp_path, data, {"init_args": {"max_length": 12, "long_records": "skip"}}
+    )
+    with caplog.at_level("WARNING", logger="lit_edit.methods.base"):
+        cli = train_main(["fit", "--config", MEND, "--config", str(overlay)])
+    assert cli.trainer.global_step == 2
+    assert [r.index for r in cli.datamodule.records["train"]] == [0, 2]
+    assert "train split: left out 1 of 3 records" in caplog.text
+    assert "record indices [1]" in caplog.text

@@ -200,8 +200,12 @@ class EditCollator:
 
 
 def check_collatable(
-    records: Sequence[EditRecord], collate: Any, collator: PairCollator, split: str
-) -> None:
+    records: Sequence[EditRecord],
+    collate: Any,
+    collator: PairCollator,
+    split: str,
+    long_records: str = "error",
+) -> list[EditRecord]:
     """Tokenize every record once, before training: a too short ``max_length`` fails at start.
 
     An answer is never truncated, so a ``max_length`` shorter than one of a record's answers
@@ -212,24 +216,34 @@ def check_collatable(
         collate: The method's batch builder (a callable on a list of records).
         collator: The :class:`PairCollator` it uses (its truncation count is left unchanged).
         split: Name of the split (for the error).
+        long_records: ``"error"``: raise at the first record that does not fit; ``"skip"``:
+            leave such records out (the caller reports them).
+
+    Returns:
+        The records that fit (all of them with ``"error"``).
 
     Raises:
         DataFileError: naming the record's file and index, the split and the setting to raise.
     """
     if collator.max_length is None:
-        return
+        return list(records)
     truncated = collator.truncated
+    kept = []
     try:
         for record in records:
             try:
                 collate([record])
             except ValueError as err:
+                if long_records == "skip":
+                    continue
                 raise DataFileError(
                     record.source or "<records>",
                     f"{split} split: {err}; raise the method's max_length "
-                    f"(now {collator.max_length}) or leave this record out",
+                    f"(now {collator.max_length}), leave this record out, or set the method's "
+                    "long_records: skip",
                     record.index if record.index >= 0 else None,
                 ) from err
+            kept.append(record)
     finally:
         collator.truncated = truncated
-
+    return kept

@@ -55,6 +55,9 @@ class EditorModule(L.LightningModule, metaclass=_EditorMeta):
             evaluating it without
             a checkpoint scores an untrained editor: ``evaluate.py`` then refuses to run without
             ``--ckpt_path`` unless given ``--allow_untrained true``.
+        long_records: What ``fit`` does with a record longer than the training
+            ``max_length`` (``"error"`` or ``"skip"``; methods with a ``max_length`` take it as
+            an init argument).
         unsupported_strategies: Strategy families ``fit`` refuses for this method, each with
             why and what to use instead (see :func:`lit_edit.strategies.check_strategy`;
             ``test`` always needs one device or DDP).
@@ -65,6 +68,7 @@ class EditorModule(L.LightningModule, metaclass=_EditorMeta):
     max_edits_per_call: int | None = None
     needs_training: bool = False
     unsupported_strategies: ClassVar[dict[str, str]] = {}
+    long_records: str = "error"
 
     def __init__(self, backbone: Backbone | str = "tinyfacts") -> None:
         super().__init__()
@@ -301,6 +305,9 @@ class EditorModule(L.LightningModule, metaclass=_EditorMeta):
     def setup(self, stage: str) -> None:
         """At the start of ``fit``: every training and validation record fits ``max_length``.
 
+        With the method's ``long_records: skip`` the records that do not fit are left out of
+        the data module's splits instead, and their number and indices are logged.
+
         Raises:
             DataFileError: naming the first record with an answer longer than ``max_length``.
         """
@@ -309,7 +316,16 @@ class EditorModule(L.LightningModule, metaclass=_EditorMeta):
         if stage != "fit" or collation is None or not isinstance(records, dict):
             return
         for split in ("train", "val"):
-            check_collatable(records.get(split, []), *collation, split)
+            given = records.get(split)
+            if not given:
+                continue
+            kept = check_collatable(given, *collation, split, self.long_records)
+            if len(kept) < len(given):
+                left = sorted(set(r.index for r in given) - set(r.index for r in kept))
+                log.warning("%s split: left out %d of %d records whose answer is longer than "
+                            "max_length=%d (long_records: skip); record indices %s", split,
+                            len(given) - len(kept), len(given), collation[1].max_length, left)
+                records[split] = kept
 
     def configure_callbacks(self) -> list[Callback]:
         """Add the evaluation of ``test`` and the random states in checkpoints.

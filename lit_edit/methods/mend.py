@@ -89,6 +89,9 @@ class MENDEditor(MENDTraining, EditorModule):
             zero over the Trainer's ``max_steps``.
         max_length: Longest training/edit sequence in tokens, prompts truncated from the left
             (the peer uses 40; ``None``: no limit).
+        long_records: A training or validation record with an answer longer than
+            ``max_length`` (answers are never cut): ``"error"`` stops ``fit`` at start naming
+            it; ``"skip"`` leaves such records out, counted and listed in the log.
     """
 
     needs_training = True
@@ -120,6 +123,7 @@ class MENDEditor(MENDTraining, EditorModule):
         train_locality: Literal["first", "all"] = "first",
         lr_schedule: Literal["constant", "cosine"] = "constant",
         max_length: int | None = None,
+        long_records: Literal["error", "skip"] = "error",
     ) -> None:
         super().__init__(backbone)
         for name, value, allowed in (
@@ -127,6 +131,7 @@ class MENDEditor(MENDTraining, EditorModule):
             ("train_rephrases", train_rephrases, ("first", "all")),
             ("train_locality", train_locality, ("first", "all")),
             ("lr_schedule", lr_schedule, ("constant", "cosine")),
+            ("long_records", long_records, ("error", "skip")),
         ):
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
@@ -152,6 +157,7 @@ class MENDEditor(MENDTraining, EditorModule):
         self.train_locality = train_locality
         self.lr_schedule = lr_schedule
         self.collator = EditCollator(self.tokenizer, padding_side="right", max_length=max_length)
+        self.long_records = long_records
         self.pad_id = pad_token_id(self.tokenizer)
         self.register_buffer("skipped_steps", torch.zeros((), dtype=torch.long))
 

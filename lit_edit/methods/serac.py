@@ -99,6 +99,9 @@ class SERACEditor(SERACRouting, SERACTraining, EditorModule):
         freeze_counterfactual: Do not train the counterfactual model (paper's ``freeze_cntr``).
         max_length: Longest counterfactual training sequence (prompts cut from the left;
             ``None``: no limit).
+        long_records: A training or validation record with an answer longer than
+            ``max_length`` (answers are never cut): ``"error"`` stops ``fit`` at start naming
+            it; ``"skip"`` leaves such records out, counted and listed in the log.
     """
 
     needs_training = True
@@ -124,10 +127,13 @@ class SERACEditor(SERACRouting, SERACTraining, EditorModule):
         train_portability: bool = False,
         freeze_counterfactual: bool = False,
         max_length: int | None = None,
+        long_records: Literal["error", "skip"] = "error",
     ) -> None:
         super().__init__(backbone)
         if objective not in ("supervised", "soft"):
             raise ValueError(f"objective must be 'supervised' or 'soft', got {objective!r}")
+        if long_records not in ("error", "skip"):
+            raise ValueError(f"long_records must be 'error' or 'skip', got {long_records!r}")
         if not 0.0 < threshold < 1.0:
             raise ValueError(f"threshold must be in (0, 1), got {threshold}")
         if "{fact}" not in template or "{prompt}" not in template:
@@ -164,6 +170,7 @@ class SERACEditor(SERACRouting, SERACTraining, EditorModule):
         self.counterfactual_locality = counterfactual_locality
         self.train_portability = train_portability
         self.collator = PairCollator(self.tokenizer, "right", max_length)
+        self.long_records = long_records
         self._embeddings: OrderedDict[str, torch.Tensor] = OrderedDict()
 
     # ------------------------------------------------------------------ modes and state
