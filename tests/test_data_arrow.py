@@ -5,12 +5,16 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 import yaml
 from test_cli_errors import MEND, command_line
+from test_ddp_fit import ROOT, _args, _learned, needs_gloo
 from test_data_samples import DATA, counterfact_raw, needs_data, write_json, zsre_raw
 
 from lit_edit.cli import train_main
@@ -215,3 +219,38 @@ def test_train_fit_with_the_datasets_backend(tmp_path: Path, monkeypatch: pytest
     message = command_line(monkeypatch, train_main, "fit", "--config", MEND, "--config",
                            str(overlay))
     assert f"error: {bad}: record 1, field 'alt': is empty" in message
+
+
+@pytest.mark.slow
+@needs_gloo
+def test_ddp_fit_with_the_datasets_backend_equals_one_json_process(tmp_path: Path) -> None:
+    """2 processes (gloo) reading one cache equal one JSON-backend process accumulating 2."""
+    torch.set_num_threads(1)
+    path, _ = zsre_file(tmp_path, 16)
+
+    def overlay(backend: str) -> list[str]:
+        data = tmp_path / f"{backend}.yaml"
+        data.write_text(yaml.safe_dump({"data": {
+            "class_path": "lit_edit.data.EditDataModule",
+            "init_args": {"train_path": str(path), "val_path": str(path), "format": "zsre",
+                          "backend": backend, "datasets_cache_dir": str(tmp_path / "cache")},
+        }}))
+        return ["--config", str(data)]
+
+    single, ddp = tmp_path / "single", tmp_path / "ddp"
+    train_main([*_args(single), *overlay("json"), "--trainer.accumulate_grad_batches", "2"])
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+           "OMP_NUM_THREADS": "1"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    process = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *_args(ddp), *overlay("datasets"),
+         "--trainer.devices", "2", "--trainer.strategy", "ddp", "--trainer.accelerator", "cpu"],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        timeout=600,
+    )
+    assert process.returncode == 0, process.stdout[-3000:]
+    assert len(list((tmp_path / "cache").rglob("*.arrow"))) == 1  # one table, opened by both
+    one, two = _learned(single / "final.ckpt"), _learned(ddp / "final.ckpt")
+    assert one.keys() == two.keys() and one
+    for key in one:
+        torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=1e-6, msg=key)
