@@ -14,8 +14,8 @@ import pytest
 import torch
 import yaml
 from test_cli_errors import MEND, command_line
-from test_ddp_fit import ROOT, _args, _learned, needs_gloo
 from test_data_samples import DATA, counterfact_raw, needs_data, write_json, zsre_raw
+from test_ddp_fit import ROOT, _args, _learned, needs_gloo
 
 from lit_edit.cli import train_main
 from lit_edit.data import EditDataModule
