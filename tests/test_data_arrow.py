@@ -14,10 +14,17 @@ import pytest
 import torch
 import yaml
 from test_cli_errors import MEND, command_line
-from test_data_samples import DATA, counterfact_raw, needs_data, write_json, zsre_raw
+from test_data_samples import (
+    DATA,
+    counterfact_raw,
+    ft_config,
+    needs_data,
+    write_json,
+    zsre_raw,
+)
 from test_ddp_fit import ROOT, _args, _learned, needs_gloo
 
-from lit_edit.cli import train_main
+from lit_edit.cli import evaluate_main, train_main
 from lit_edit.data import EditDataModule
 from lit_edit.data.arrow import ArrowRecords, open_table, read_records_arrow
 from lit_edit.data.reading import read_records
@@ -29,7 +36,7 @@ def zsre_file(tmp_path: Path, n: int = 30) -> tuple[Path, list[dict[str, Any]]]:
     raws = [zsre_raw(src=f"Which country is Paris {i} in?", subject=f"Paris {i}",
                      alt=f"Italy{i}") for i in range(n)]
     raws[0]["extra_key"] = 3
-    raws[5]["loc_ans"] = ""  # dropped with a note
+    raws[min(5, n - 1)]["loc_ans"] = ""  # dropped with a note
     return write_json(tmp_path / "zsre.json", raws), raws
 
 
@@ -254,3 +261,23 @@ def test_ddp_fit_with_the_datasets_backend_equals_one_json_process(tmp_path: Pat
     assert one.keys() == two.keys() and one
     for key in one:
         torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=1e-6, msg=key)
+
+
+def test_evaluate_with_the_datasets_backend_writes_the_json_backends_results(
+    tmp_path: Path,
+) -> None:
+    path, _ = zsre_file(tmp_path, 4)
+    results = {}
+    for backend in ("json", "datasets"):
+        folder = tmp_path / backend
+        folder.mkdir()
+        config = ft_config(folder, path)
+        data = yaml.safe_load(config.read_text())
+        data["data"]["init_args"].update(backend=backend,
+                                         datasets_cache_dir=str(tmp_path / "cache"))
+        config.write_text(yaml.safe_dump(data))
+        evaluate_main(["--config", str(config)])
+        results[backend] = [json.loads(line) for line in
+                            (folder / "results" / "records.jsonl").read_text().splitlines()]
+    assert len(results["json"]) == 4
+    assert results["datasets"] == results["json"]
