@@ -281,3 +281,30 @@ def test_evaluate_with_the_datasets_backend_writes_the_json_backends_results(
                             (folder / "results" / "records.jsonl").read_text().splitlines()]
     assert len(results["json"]) == 4
     assert results["datasets"] == results["json"]
+
+
+def test_the_validation_is_kept_for_later_reads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                                ) -> None:
+    from lit_edit.data.base import RecordReader
+
+    raws = [zsre_raw(), zsre_raw(alt=""), zsre_raw(loc_ans="", extra=1), zsre_raw()]
+    path = write_json(tmp_path / "bad.json", raws)
+    cache = str(tmp_path / "cache")
+    first = read_records_arrow(str(path), skip_invalid=True, cache_dir=cache)
+    expected = read_records(path, skip_invalid=True).records
+    assert len(list((tmp_path / "cache").rglob("lit_edit-validation-*.json"))) == 1
+
+    def no_validation(*args: Any) -> Any:
+        raise AssertionError("validated again")
+
+    monkeypatch.setattr(RecordReader, "parse_items", no_validation)
+    monkeypatch.chdir(tmp_path)
+    again = read_records_arrow("bad.json", skip_invalid=True, cache_dir=cache)
+    assert [r.to_dict() | {"source": ""} for r in again.records] == [
+        r.to_dict() | {"source": ""} for r in expected]
+    assert {r.source for r in again.records} == {"bad.json"}
+    assert [str(e) for e in again.skipped] == ["bad.json: record 1, field 'alt': is empty"]
+    assert (again.notes, again.unused_keys, again.num_read) == (
+        first.notes, first.unused_keys, first.num_read)
+    with pytest.raises(AssertionError, match="validated again"):  # other options: validated
+        read_records_arrow("bad.json", skip_invalid=False, cache_dir=cache)

@@ -15,9 +15,11 @@ What is read is exactly what the JSON backend reads:
   backend validates: Arrow's schema inference (which turns absent keys into nulls, ``1`` into
   ``1.0`` next to a float, and fails on a field that is a string in one record and a list in
   another) never sees the data;
-* every record is validated once, when the split is read, by the same reader code
+* every record is validated when the split is read, by the same reader code
   (:func:`~lit_edit.data.reading.parse_located`): the same located errors naming the file, the
-  record index and the field, the same ``skip_invalid`` report;
+  record index and the field, the same ``skip_invalid`` report; what the validation gave is kept
+  beside the cache (:mod:`lit_edit.data.arrow_report`), so later runs and the other processes
+  do not validate again;
 * ``.parquet`` files and hub datasets (``hf://ORG/NAME:SPLIT``) are typed tables: a row is the
   record with its null values left out (Arrow has no "absent"; every reader treats a null
   optional field as absent).
@@ -33,8 +35,9 @@ from typing import TYPE_CHECKING, Any, overload
 
 import numpy as np
 
-from lit_edit.data.base import RecordReader
-from lit_edit.data.detect import record_readers
+from lit_edit.data.arrow_report import load_report, report_path, save_report
+from lit_edit.data.base import BaseReader, RecordReader
+from lit_edit.data.detect import reader_by_name, record_readers
 from lit_edit.data.reading import (
     ReadResult,
     count_valid,
@@ -252,18 +255,20 @@ class ArrowRecords(Sequence[EditRecord]):
 
 def read_records_arrow(
     source: str, format: str | None = None, skip_invalid: bool = False,
-    cache_dir: str | None = None,
+    cache_dir: str | None = None, log: bool = True,
 ) -> ReadResult[EditRecord]:
     """Read a file of edit records through ``datasets`` (see the module docstring).
 
-    Every record is validated now, as :func:`~lit_edit.data.reading.read_records` does; the
-    result's ``records`` is an :class:`ArrowRecords` of the valid ones.
+    Every record is validated as :func:`~lit_edit.data.reading.read_records` does (or the
+    validation kept from an earlier read of the same table, format, ``skip_invalid`` and reader
+    code is used); the result's ``records`` is an :class:`ArrowRecords` of the valid ones.
 
     Args:
         source: A ``.json``, ``.jsonl`` or ``.parquet`` file, or ``hf://ORG/NAME:SPLIT``.
         format: Force a format by name; detected from the first JSON object record when ``None``.
         skip_invalid: Leave invalid records out (reported and logged) instead of failing.
         cache_dir: Where ``datasets`` keeps its tables (default: ``HF_DATASETS_CACHE``).
+        log: Log what was skipped, dropped and not used (as the JSON backend does).
 
     Returns:
         The records and the report (same skipped records, notes and unused keys as the JSON
@@ -273,11 +278,33 @@ def read_records_arrow(
         DataFileError: see :func:`open_table` and :func:`~lit_edit.data.reading.read_file`.
     """
     table, json_rows = open_table(source, cache_dir)
-    candidates = record_readers()
+    kept_at = report_path(table, format, skip_invalid)
+    kept = load_report(kept_at, source)
+    if kept is not None:
+        result, valid = kept
+        reader = reader_by_name(result.format_name, record_readers())
+    else:
+        result, valid, reader = _validate(table, json_rows, source, format, skip_invalid)
+        save_report(kept_at, result, valid)
+    assert isinstance(reader, RecordReader)
+    result.records = ArrowRecords(table, json_rows, np.asarray(valid, dtype=np.int64), reader,
+                                  source)  # type: ignore[assignment]
+    if log:
+        log_result(result)
+    return result
+
+
+def _validate(
+    table: Dataset, json_rows: bool, source: str, format: str | None, skip_invalid: bool
+) -> tuple[ReadResult[EditRecord], list[int], BaseReader[Any]]:
+    """Validate every row as :func:`~lit_edit.data.reading.read_file` does.
+
+    Returns:
+        The report (without records), the valid rows and the reader.
+    """
     first = next(((i, r) for i, r in enumerate(_raws(table, json_rows))
                   if isinstance(r, Mapping)), None) if format is None else None
-    reader = pick_reader(source, format, candidates, first)
-    assert isinstance(reader, RecordReader)
+    reader = pick_reader(source, format, record_readers(), first)
     result: ReadResult[EditRecord] = ReadResult(source, reader.format_name, [], 0)
     valid: list[int] = []
     for index, raw in enumerate(_raws(table, json_rows)):
@@ -291,7 +318,4 @@ def read_records_arrow(
             continue
         valid.append(index)
         count_valid(result, reader, raw, notes)
-    result.records = ArrowRecords(table, json_rows, np.asarray(valid, dtype=np.int64), reader,
-                                  source)  # type: ignore[assignment]
-    log_result(result)
-    return result
+    return result, valid, reader

@@ -10,7 +10,7 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Sampler
 
-from lit_edit.data.arrow import ArrowRecords, open_table, read_records_arrow
+from lit_edit.data.arrow import ArrowRecords, read_records_arrow
 from lit_edit.data.collate import collate_records
 from lit_edit.data.detect import reader_by_name, record_readers
 from lit_edit.data.global_order import GlobalOrderSampler
@@ -177,15 +177,17 @@ class EditDataModule(LightningDataModule):
         return {s: self._read(p, s).records for s in wanted if (p := self.paths[s]) is not None}
 
     def prepare_data(self) -> None:
-        """Build the ``datasets`` backend's table caches (once per machine, before every rank).
+        """Build the ``datasets`` backend's table caches and validations (once per machine).
 
-        Lightning calls it on one process per machine; the others then open the caches.
+        Lightning calls it on one process per machine before the others start ``setup``: they
+        then open the caches and the kept validations (an invalid record raises here already).
         """
         if self.backend != "datasets":
             return
         for path in (self.path, *self.paths.values()):
             if path is not None:
-                open_table(path, self.datasets_cache_dir)
+                read_records_arrow(path, self.format, self.skip_invalid,
+                                   self.datasets_cache_dir, log=False)
 
     def _read(self, path: str, key: str) -> ReadResult[EditRecord]:
         if self.backend == "datasets":
