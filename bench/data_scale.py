@@ -2,9 +2,11 @@
 
 A synthetic ZsRE (MEND format) file of ``--records`` distinct records (default 163,000, the size
 of the full ZsRE MEND train split) is written under ``--dir``; then each case runs in a fresh
-process, ``EditDataModule(train_path=FILE, backend=...).setup("fit")``, and reports:
+process, ``EditDataModule(train_path=FILE, backend=...)``, ``prepare_data()`` then
+``setup("fit")``, and reports:
 
-* ``setup s``: the time of ``setup`` (decode, validate, keep the split);
+* ``setup s``: the time of ``prepare_data`` and ``setup`` (decode, validate, keep the split;
+  with a warm cache: open the table and its kept validation);
 * ``held MB``: private resident memory (``RssAnon``) after ``setup`` minus before it: what the
   split keeps in this process;
 * ``mapped MB``: file-backed resident memory added by ``setup`` (the memory-mapped table's
