@@ -26,12 +26,14 @@ from lit_edit.data.wise import WiseReader
 from lit_edit.data.zsre import ZsreReader
 
 if TYPE_CHECKING:
+    from lit_edit.data.arrow import ArrowRecords, read_records_arrow
     from lit_edit.data.collate import EditCollator, PairCollator, collate_records
     from lit_edit.data.datamodule import EditDataModule
     from lit_edit.data.tinyfacts import TinyFactsDataModule
     from lit_edit.data.transfer import move_batch_to_device
 
 __all__ = [
+    "ArrowRecords",
     "BaseReader",
     "ConversationPair",
     "ConversationReader",
@@ -56,6 +58,7 @@ __all__ = [
     "read_conversations",
     "read_file",
     "read_records",
+    "read_records_arrow",
     "reader_by_name",
     "record_readers",
 ]
@@ -63,6 +66,10 @@ __all__ = [
 
 def __getattr__(name: str) -> Any:
     """Import the torch/Lightning-backed names on first access (PEP 562)."""
+    if name in ("ArrowRecords", "read_records_arrow"):
+        from lit_edit.data import arrow
+
+        return getattr(arrow, name)
     if name == "EditDataModule":
         from lit_edit.data.datamodule import EditDataModule
 

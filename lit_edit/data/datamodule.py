@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Sampler
 
+from lit_edit.data.arrow import ArrowRecords, read_records_arrow
 from lit_edit.data.collate import collate_records
 from lit_edit.data.detect import reader_by_name, record_readers
 from lit_edit.data.global_order import GlobalOrderSampler
@@ -54,6 +56,13 @@ class EditDataModule(LightningDataModule):
         eval_batch_size: Records per validation/test batch (default: ``batch_size``).
         num_workers: DataLoader worker processes.
         shuffle_seed: Seed of the training-order shuffle.
+        backend: How files are read: ``"json"`` (decoded into a list of records) or
+            ``"datasets"`` (Hugging Face ``datasets``: an Arrow table cached on disk and
+            memory-mapped, records built from their row on access; also reads ``.parquet``
+            files and hub datasets named ``hf://ORG/NAME:SPLIT``). Both give the same records,
+            in the same order, with the same validation errors and subsamples.
+        datasets_cache_dir: Where the ``datasets`` backend keeps its tables (default:
+            ``HF_DATASETS_CACHE``).
 
     Attributes:
         records: Split name → records, filled by :meth:`setup`.
@@ -83,6 +92,8 @@ class EditDataModule(LightningDataModule):
         eval_batch_size: int | None = None,
         num_workers: int = 0,
         shuffle_seed: int = 0,
+        backend: Literal["json", "datasets"] = "json",
+        datasets_cache_dir: str | None = None,
     ) -> None:
         super().__init__()
         if path is not None and any(p is not None for p in (train_path, val_path, test_path)):
@@ -90,6 +101,8 @@ class EditDataModule(LightningDataModule):
         check_fractions(val_fraction, test_fraction)
         if subsample not in ("seeded", "first"):
             raise ValueError(f"subsample must be 'seeded' or 'first', got {subsample!r}")
+        if backend not in ("json", "datasets"):
+            raise ValueError(f"backend must be 'json' or 'datasets', got {backend!r}")
         if format is not None:
             reader_by_name(format, record_readers())
         for name, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
@@ -120,7 +133,9 @@ class EditDataModule(LightningDataModule):
         self.eval_batch_size = eval_batch_size if eval_batch_size is not None else batch_size
         self.num_workers = num_workers
         self.shuffle_seed = shuffle_seed
-        self.records: dict[str, list[EditRecord]] = {}
+        self.backend = backend
+        self.datasets_cache_dir = datasets_cache_dir
+        self.records: dict[str, Sequence[EditRecord]] = {}
         self.read_results: dict[str, ReadResult[EditRecord]] = {}
         self.prepared_splits: set[str] = set()
         self.test_shard_unit = 1
@@ -140,7 +155,7 @@ class EditDataModule(LightningDataModule):
             return ("test",)
         raise ValueError(f"unknown stage {stage!r}; expected fit, validate, test or predict")
 
-    def load_records(self, stage: str) -> dict[str, list[EditRecord]]:
+    def load_records(self, stage: str) -> dict[str, Sequence[EditRecord]]:
         """Read the records of the splits ``stage`` uses.
 
         Override this in a subclass that produces records another way; :meth:`setup` applies the
@@ -158,11 +173,28 @@ class EditDataModule(LightningDataModule):
             indices = split_indices(
                 len(records), self.val_fraction, self.test_fraction, self.split_seed
             )
-            return {s: [records[i] for i in indices[s]] for s in wanted}
+            return {s: take(records, indices[s]) for s in wanted}
         return {s: self._read(p, s).records for s in wanted if (p := self.paths[s]) is not None}
 
+    def prepare_data(self) -> None:
+        """Build the ``datasets`` backend's table caches and validations (once per machine).
+
+        Lightning calls it on one process per machine before the others start ``setup``: they
+        then open the caches and the kept validations (an invalid record raises here already).
+        """
+        if self.backend != "datasets":
+            return
+        for path in (self.path, *self.paths.values()):
+            if path is not None:
+                read_records_arrow(path, self.format, self.skip_invalid,
+                                   self.datasets_cache_dir, log=False)
+
     def _read(self, path: str, key: str) -> ReadResult[EditRecord]:
-        result = read_records(path, self.format, self.skip_invalid)
+        if self.backend == "datasets":
+            result = read_records_arrow(path, self.format, self.skip_invalid,
+                                        self.datasets_cache_dir)
+        else:
+            result = read_records(path, self.format, self.skip_invalid)
         self.read_results[key] = result
         return result
 
@@ -175,8 +207,8 @@ class EditDataModule(LightningDataModule):
         """
         logger = logging.getLogger(__name__)
         for split, records in self.load_records(stage).items():
-            kept = subsample(records, self.max_records.get(split), self.split_seed, split,
-                             self.subsample)
+            kept = take(records, subsample(range(len(records)), self.max_records.get(split),
+                                           self.split_seed, split, self.subsample))
             if len(kept) < len(records):
                 how, seed = (("the first", "") if self.subsample == "first"
                              else ("a seeded sample of", f", seed {self.split_seed}"))
@@ -199,7 +231,7 @@ class EditDataModule(LightningDataModule):
             return "`path` leaves no training records: lower val_fraction/test_fraction"
         return f"set {split}_fraction > 0 (with `path`) or use {split}_path"
 
-    def _split(self, split: str, stage: str | None = None) -> list[EditRecord]:
+    def _split(self, split: str, stage: str | None = None) -> Sequence[EditRecord]:
         records = self.records.get(split)
         if records:
             return records
@@ -289,3 +321,15 @@ class EditDataModule(LightningDataModule):
         :func:`~lit_edit.data.transfer.move_batch_to_device`.
         """
         return move_batch_to_device(batch, device)
+
+
+def take(records: Sequence[EditRecord], indices: Sequence[int]) -> Sequence[EditRecord]:
+    """The records at ``indices``, in that order: a list, or a lazy subset of ``ArrowRecords``.
+
+    Args:
+        records: A split's records.
+        indices: Positions in ``records``.
+    """
+    if isinstance(records, ArrowRecords):
+        return records if len(indices) == len(records) else records.select(indices)
+    return [records[i] for i in indices]

@@ -155,43 +155,102 @@ def read_file(
     if not raws:
         raise DataFileError(source, "contains no records")
     candidates = list(available_readers() if readers is None else readers)
-    if format is not None:
-        try:
-            reader = reader_by_name(format, candidates)
-        except ValueError as e:
-            raise DataFileError(source, str(e)) from e
-    else:
-        first = next((i for i, r in enumerate(raws) if isinstance(r, Mapping)), None)
-        if first is None:
-            raise DataFileError(source, "no record is a JSON object", index=0)
-        try:
-            reader = detect_reader(raws[first], candidates)
-        except ValueError as e:
-            raise DataFileError(source, _not_detected(raws[first], candidates, e), first) from e
+    first = next((i for i, r in enumerate(raws) if isinstance(r, Mapping)), None)
+    reader = pick_reader(
+        source, format, candidates, None if first is None else (first, raws[first])
+    )
     result: ReadResult[Any] = ReadResult(source, reader.format_name, [], 0)
     for index, raw in enumerate(raws):
         record_notes: list[ReadNote] = []
         try:
-            if not isinstance(raw, Mapping):
-                raise DataFileError(source, f"expected a JSON object, got {_kind(raw)}", index)
-            try:
-                items = reader.parse_items(raw, index, source, record_notes)
-            except RecordError as e:
-                raise DataFileError(source, e.message, index, e.field) from e
+            items = parse_located(reader, raw, index, source, record_notes)
         except DataFileError as error:
             if not skip_invalid:
                 raise
             result.skipped.append(error)
             continue
         result.records.extend(items)
-        result.notes.extend(record_notes)
-        result.num_read += 1
-        for key in reader.unused_keys(raw):
-            result.unused_keys[key] = result.unused_keys.get(key, 0) + 1
-        for key in reader.unused_nested_keys(raw):
-            result.unused_nested_keys[key] = result.unused_nested_keys.get(key, 0) + 1
-    _log(result)
+        count_valid(result, reader, raw, record_notes)
+    log_result(result)
     return result
+
+
+def pick_reader(
+    source: str,
+    format: str | None,
+    candidates: Sequence[BaseReader[Any]],
+    first: tuple[int, Mapping[str, Any]] | None,
+) -> BaseReader[Any]:
+    """The reader of a file: the one named ``format``, or the one detected from its first object.
+
+    Args:
+        source: The file (named in the errors).
+        format: A format name, or ``None`` to detect it.
+        candidates: The readers to choose from.
+        first: The index and value of the file's first record that is a JSON object (``None``
+            when there is none).
+
+    Raises:
+        DataFileError: for an unknown format, no JSON object record, or an undetectable format.
+    """
+    if format is not None:
+        try:
+            return reader_by_name(format, candidates)
+        except ValueError as e:
+            raise DataFileError(source, str(e)) from e
+    if first is None:
+        raise DataFileError(source, "no record is a JSON object", index=0)
+    index, raw = first
+    try:
+        return detect_reader(raw, candidates)
+    except ValueError as e:
+        raise DataFileError(source, _not_detected(raw, candidates, e), index) from e
+
+
+def parse_located(
+    reader: BaseReader[T], raw: Any, index: int, source: str, notes: list[ReadNote]
+) -> list[T]:
+    """Validate and parse one raw record, its errors located in the file.
+
+    Args:
+        reader: The file's reader.
+        raw: The decoded record.
+        index: Its index in the file.
+        source: The file.
+        notes: Receives the record's dropped empty optional values.
+
+    Returns:
+        The record's items.
+
+    Raises:
+        DataFileError: naming the file, the record index and the field.
+    """
+    if not isinstance(raw, Mapping):
+        raise DataFileError(source, f"expected a JSON object, got {_kind(raw)}", index)
+    try:
+        return reader.parse_items(raw, index, source, notes)
+    except RecordError as e:
+        raise DataFileError(source, e.message, index, e.field) from e
+
+
+def count_valid(
+    result: ReadResult[Any], reader: BaseReader[Any], raw: Mapping[str, Any],
+    notes: list[ReadNote],
+) -> None:
+    """Add a valid record's notes and unused keys to the file's report.
+
+    Args:
+        result: The report being built.
+        reader: The file's reader.
+        raw: The valid record.
+        notes: Its dropped empty optional values.
+    """
+    result.notes.extend(notes)
+    result.num_read += 1
+    for key in reader.unused_keys(raw):
+        result.unused_keys[key] = result.unused_keys.get(key, 0) + 1
+    for key in reader.unused_nested_keys(raw):
+        result.unused_nested_keys[key] = result.unused_nested_keys.get(key, 0) + 1
 
 
 def _not_detected(
@@ -218,7 +277,8 @@ def _unused(counts: Mapping[str, int]) -> str:
     return ", ".join(f"{key!r} ({n} records)" for key, n in counts.items())
 
 
-def _log(result: ReadResult[Any]) -> None:
+def log_result(result: ReadResult[Any]) -> None:
+    """Log what reading a file skipped, dropped and did not use."""
     logger = logging.getLogger(__name__)
     if result.skipped:
         reasons = "; ".join(_where(e) for e in result.skipped[:5])
