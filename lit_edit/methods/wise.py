@@ -269,7 +269,7 @@ class WISEEditor(EditorModule):
             return []
         if not self.wise.in_effect():
             return [ORIGINAL] * len(pairs)
-        collate = PairCollator(self.tokenizer, "left")
+        collate = PairCollator(self.tokenizer, "right")  # natural positions
         out: list[int] = []
         with torch.inference_mode():
             for i in range(0, len(pairs), 64):
