@@ -116,6 +116,8 @@ def test_bad_settings_fail_clearly() -> None:
         make(mode="both")
     with pytest.raises(ValueError, match="irrelevant"):
         make(irrelevant="nq")
+    with pytest.raises(ValueError, match="n_irrelevant"):
+        make(n_irrelevant=0)
 
 
 # ---------------------------------------------------------------------- editing

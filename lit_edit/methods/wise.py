@@ -88,6 +88,9 @@ class WISEEditor(EditorModule):
             its answer), ``"world"`` (a sentence of a TinyFacts backbone's pretraining text not
             about the record's subject, drawn by the edit counter) or ``"auto"`` (``meta`` when
             the record has one, else ``world``).
+        n_irrelevant: Out-of-scope rows per edit drawn from the world (the paper: 1; an
+            extension: more rows teach the router a broader out-of-scope set). A record's
+            ``meta["loc_prompt"]`` gives one row.
         seed: Seed of the gradient masks and of the out-of-scope draws.
         max_length: Longest training row (prompts cut from the left; ``None``: no limit).
     """
@@ -118,6 +121,7 @@ class WISEEditor(EditorModule):
         prefix_starts: list[str] | None = None,
         prefix_seed: int = 0,
         irrelevant: Irrelevant = "auto",
+        n_irrelevant: int = 1,
         seed: int = 0,
         max_length: int | None = None,
     ) -> None:
@@ -146,7 +150,10 @@ class WISEEditor(EditorModule):
         self.margins = (alpha, beta, gamma)
         self.stop_loss = stop_loss
         self.stop_change = stop_change
+        if n_irrelevant < 1:
+            raise ValueError(f"n_irrelevant must be >= 1, got {n_irrelevant}")
         self.irrelevant = irrelevant
+        self.n_irrelevant = n_irrelevant
         self.seed = seed
         self.collator = PairCollator(self.tokenizer, "right", max_length)
         lengths = [(5, 5), (10, 5)] if prefix_lengths is None else prefix_lengths
@@ -182,7 +189,7 @@ class WISEEditor(EditorModule):
         """Train the side copy on one record, then count the edit (sharding, merging)."""
         pairs = [QAPair(t.format(record.prompt), record.target_new) for t in self.templates]
         n_edit = len(pairs)
-        batch = self.collator([*pairs, self._out_of_scope(record)])
+        batch = self.collator([*pairs, *self._out_of_scope(record)])
         batch = {k: v.to(self.device) for k, v in batch.items() if torch.is_tensor(v)}
         labels = batch["labels"].clone()
         labels[n_edit:] = IGNORE_INDEX  # the out-of-scope row only enters the margin loss
@@ -219,12 +226,12 @@ class WISEEditor(EditorModule):
             memory.last_distance = None
         memory.finish_edit(float(in_scope))
 
-    def _out_of_scope(self, record: EditRecord) -> QAPair:
-        """The irrelevant row of an edit (see ``irrelevant``)."""
+    def _out_of_scope(self, record: EditRecord) -> list[QAPair]:
+        """The irrelevant rows of an edit (see ``irrelevant`` and ``n_irrelevant``)."""
         text = record.meta.get("loc_prompt") if self.irrelevant != "world" else None
         if text:
             head, _, last = str(text).rpartition(" ")
-            return QAPair(head, last) if head else QAPair(str(text), ".")
+            return [QAPair(head, last) if head else QAPair(str(text), ".")]
         if self.irrelevant == "meta":
             raise ValueError(
                 f"record {record.index} ({record.prompt!r}) has no meta['loc_prompt'] for WISE's "
@@ -233,11 +240,14 @@ class WISEEditor(EditorModule):
         pool = self._world_pool()
         rng = random.Random(self.seed * 1_000_003 + self.wise.edits)
         subject = record.subject
-        for _ in range(100):
+        out: list[QAPair] = []
+        for _ in range(100 * self.n_irrelevant):
             pair = pool[rng.randrange(len(pool))]
             if not subject or subject not in pair.prompt:
-                return pair
-        return pair
+                out.append(pair)
+                if len(out) == self.n_irrelevant:
+                    break
+        return out or [pair]
 
     def _world_pool(self) -> list[QAPair]:
         """The TinyFacts backbone's pretraining pairs (irrelevant training sentences)."""
