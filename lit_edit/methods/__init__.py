@@ -8,8 +8,9 @@ from lit_edit.methods.mend import MENDEditor
 from lit_edit.methods.noedit import NoEdit
 from lit_edit.methods.rome import ROMEEditor
 from lit_edit.methods.serac import SERACEditor
+from lit_edit.methods.wise import WISEEditor
 
 __all__ = [
     "EditorModule", "FTEditor", "IKEEditor", "LTEEditor", "MENDEditor", "NoEdit", "ROMEEditor",
-    "SERACEditor",
+    "SERACEditor", "WISEEditor",
 ]
