@@ -14,8 +14,8 @@ from lit_edit.data.collate import PairCollator
 from lit_edit.editing import CallbackHandle, EditHandle, HandleStack
 from lit_edit.methods.base import EditorModule
 from lit_edit.nn.edit_optim import optimise
+from lit_edit.nn.fact_tokens import context_prefixes
 from lit_edit.nn.layout import matrix_layout, mlp_out_name
-from lit_edit.nn.locate import context_prefixes
 from lit_edit.nn.losses import masked_nll
 from lit_edit.nn.wise_memory import ORIGINAL, Mode, SideMemory
 from lit_edit.nn.wise_merge import TiesNormalisation
