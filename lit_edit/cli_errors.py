@@ -13,6 +13,7 @@ import importlib
 import inspect
 import os
 import re
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -290,7 +291,7 @@ def _is_rank_zero() -> bool:
 
 
 @contextlib.contextmanager
-def one_line_errors(enabled: bool = True) -> Iterator[None]:
+def one_line_errors(enabled: bool = True, rank_exit_delay: float = 5.0) -> Iterator[None]:
     """Turn a data, config, checkpoint or backbone error into one ``error: ...`` line and exit 1.
 
     Set the environment variable ``LIT_EDIT_TRACEBACK=1`` to get the full traceback instead. In a
@@ -298,6 +299,8 @@ def one_line_errors(enabled: bool = True) -> Iterator[None]:
 
     Args:
         enabled: Whether to convert (the command line); Python callers get the exception.
+        rank_exit_delay: Seconds a process other than rank 0 waits before it exits, so that
+            rank 0 prints the line before the launcher stops the run.
 
     Raises:
         SystemExit: with the error's one-line message.
@@ -309,6 +312,9 @@ def one_line_errors(enabled: bool = True) -> Iterator[None]:
         if found is None or os.environ.get("LIT_EDIT_TRACEBACK", "") not in ("", "0"):
             raise
         if not _is_rank_zero():  # the other processes of a multi-process run fail the same way
+            # Lightning's launcher kills every process (SIGKILL) as soon as a child exits with
+            # an error: leave rank 0 the time to print the line first
+            time.sleep(rank_exit_delay)
             raise SystemExit(1) from e
         if isinstance(found, argparse.ArgumentError):
             message = config_error_line(str(found))

@@ -6,7 +6,7 @@ import math
 import random
 from collections.abc import Iterator, Sequence
 
-from torch.utils.data import Sampler
+from torch.utils.data import Dataset, DistributedSampler, Sampler
 
 
 class LengthBucketSampler(Sampler[list[int]]):
@@ -51,3 +51,62 @@ class LengthBucketSampler(Sampler[list[int]]):
         chunk = self.batch_size * 32
         n = len(self.lengths)
         return sum(math.ceil(min(chunk, n - s) / self.batch_size) for s in range(0, n, chunk))
+
+
+class BucketBatches(Dataset):
+    """The batches of a :class:`LengthBucketSampler` as the items of a dataset.
+
+    With several processes each rank loads whole batches of the one-process bucket order
+    (a dataset of batches, ``batch_size=None``, sampled by :class:`BucketShareSampler`):
+    Lightning cannot inject its distributed sampler into a custom batch sampler, and its own
+    shuffle would be another order. Item ``i`` is batch ``i`` of the current epoch.
+
+    Args:
+        items: The samples.
+        buckets: The one-process batch sampler (its epoch is set by the share sampler).
+    """
+
+    def __init__(self, items: Sequence[object], buckets: LengthBucketSampler) -> None:
+        self.items = items
+        self.buckets = buckets
+        self._epoch: int | None = None
+        self._batches: list[list[int]] = []
+
+    def batches(self, epoch: int) -> list[list[int]]:
+        """The batches (index lists) of ``epoch``, computed once per epoch."""
+        if self._epoch != epoch:
+            self.buckets.set_epoch(epoch)
+            self._batches = list(self.buckets)
+            self._epoch = epoch
+        return self._batches
+
+    def __len__(self) -> int:
+        return len(self.buckets)
+
+    def __getitem__(self, i: int) -> list[object]:
+        return [self.items[j] for j in self._batches[i]]
+
+
+class BucketShareSampler(DistributedSampler):
+    """This process's share of the one-process batch order: batches ``rank, rank + W, ...``.
+
+    A ``DistributedSampler`` subclass (Lightning leaves it as it is and calls
+    :meth:`set_epoch`); the order is cut to a multiple of the processes so that every process
+    takes the same number of steps. Step ``k`` of ``W`` processes trains on the batches
+    ``kW .. kW + W - 1`` of one process, which accumulating ``W`` batches trains on together.
+
+    Args:
+        batches: The dataset of batches.
+        num_replicas: Number of processes.
+        rank: This process's rank.
+    """
+
+    def __init__(self, batches: BucketBatches, num_replicas: int, rank: int) -> None:
+        super().__init__(batches, num_replicas=num_replicas, rank=rank, shuffle=False,
+                         drop_last=True)
+        self.batches = batches
+
+    def __iter__(self) -> Iterator[int]:
+        self.batches.batches(self.epoch)  # [n_batches] index lists of this epoch
+        return iter(range(self.rank, self.total_size, self.num_replicas))
+

@@ -97,7 +97,7 @@ def test_fewer_groups_than_processes_are_refused_in_one_line():
 def test_only_rank_zero_prints_the_line(monkeypatch):
     monkeypatch.setenv("LOCAL_RANK", "1")  # what Lightning's launcher sets for rank 1
     with pytest.raises(SystemExit) as exited:
-        with one_line_errors():
+        with one_line_errors(rank_exit_delay=0.0):
             shard_bounds(1, 2, 1)
     assert exited.value.code == 1  # quiet: rank 0 prints the same error
 

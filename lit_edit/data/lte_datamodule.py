@@ -18,7 +18,7 @@ from lit_edit.data.tinyfacts import load_tinyfacts_world
 from lit_edit.links import Answerer
 from lit_edit.nn.retrieval import DEFAULT_ENCODER, Encoder, load_encoder
 from lit_edit.records import EditRecord, QAPair
-from lit_edit.sampling import LengthBucketSampler
+from lit_edit.sampling import BucketBatches, BucketShareSampler, LengthBucketSampler
 
 log = logging.getLogger(__name__)
 
@@ -265,9 +265,20 @@ class LTEDataModule(LightningDataModule):
         """
         samples = self.samples["train"]
         lengths = [len(s.prompt) + len(s.answer) for s in samples]
+        buckets = LengthBucketSampler(lengths, self.batch_size, self.shuffle_seed)
+        trainer = self.trainer
+        if trainer is not None and trainer.world_size > 1:  # whole one-process batches per rank
+            batches = BucketBatches(samples, buckets)
+            return ResumableLoader(
+                batches,  # type: ignore[arg-type]
+                batch_size=None,
+                sampler=BucketShareSampler(batches, trainer.world_size, trainer.global_rank),
+                collate_fn=_collate_pairs,
+                num_workers=self.num_workers,
+            )
         return ResumableLoader(
             samples,  # type: ignore[arg-type]
-            batch_sampler=LengthBucketSampler(lengths, self.batch_size, self.shuffle_seed),
+            batch_sampler=buckets,
             collate_fn=_collate_pairs,
             num_workers=self.num_workers,
         )
