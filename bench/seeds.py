@@ -57,6 +57,12 @@ def retarget(node: Any, name: str) -> Any:
     return node
 
 
+def is_checkpoint(callback: dict[str, Any]) -> bool:
+    """Whether a config's callback writes checkpoints (``ModelCheckpoint`` or a subclass of
+    lit_edit's, e.g. ``lit_edit.callbacks.StepCheckpoint``)."""
+    return callback.get("class_path", "").endswith(("ModelCheckpoint", "StepCheckpoint"))
+
+
 def world_config(base: dict[str, Any], seed: int, out: Path) -> dict[str, Any]:
     """The config of ``base`` on world ``seed``, logging and checkpointing into ``out``."""
     config = dict(base)
@@ -70,7 +76,7 @@ def world_config(base: dict[str, Any], seed: int, out: Path) -> dict[str, Any]:
                                                      "save_dir": str(out), "name": "logs"}}
     callbacks = []
     for cb in trainer.get("callbacks") or []:
-        if cb.get("class_path", "").endswith("ModelCheckpoint"):
+        if is_checkpoint(cb):
             cb = {**cb, "init_args": {**cb.get("init_args", {}), "dirpath": str(out / "ckpt")}}
         callbacks.append(cb)
     if callbacks:
@@ -82,7 +88,7 @@ def world_config(base: dict[str, Any], seed: int, out: Path) -> dict[str, Any]:
 def checkpoint_of(config: dict[str, Any]) -> str:
     """The checkpoint ``fit`` keeps as best (the ModelCheckpoint's dirpath and filename)."""
     for cb in config["trainer"].get("callbacks") or []:
-        if cb.get("class_path", "").endswith("ModelCheckpoint"):
+        if is_checkpoint(cb):
             args = cb["init_args"]
             return str(Path(args["dirpath"]) / f"{args.get('filename', 'best')}.ckpt")
     raise ValueError("the config has no ModelCheckpoint: nothing to evaluate after fit")
