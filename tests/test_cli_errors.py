@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from test_data_samples import ft_config
+from test_data_samples import ft_config, zsre_raw
 
 from lit_edit.backbone import BackboneNotFoundError, load_causal_lm
 from lit_edit.cli import evaluate_main, train_main
@@ -425,10 +425,7 @@ def test_unknown_class_and_wrong_value_type_are_one_line(
 def test_train_max_length_too_short_for_an_answer_fails_at_start(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    good = {
-        "subject": "Ann", "src": "Where does Ann live?", "rephrase": "Where is Ann's home?",
-        "alt": "Rome", "answers": ["Oslo"], "loc": "nq question: x", "loc_ans": "y",
-    }
+    good = zsre_raw()
     long_answer = " ".join(["Rome"] * 30)  # at least 30 tokens: more than max_length 12
     data = tmp_path / "train.json"
     data.write_text(json.dumps([good, good, {**good, "loc_ans": long_answer}]))
@@ -443,10 +440,7 @@ def test_train_max_length_too_short_for_an_answer_fails_at_start(
 def test_train_long_records_skip_leaves_them_out_and_says_so(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    good = {
-        "subject": "Ann", "src": "Where does Ann live?", "rephrase": "Where is Ann's home?",
-        "alt": "Rome", "answers": ["Oslo"], "loc": "nq question: x", "loc_ans": "y",
-    }
+    good = zsre_raw()
     data = tmp_path / "train.json"
     data.write_text(json.dumps([good, {**good, "loc_ans": " ".join(["Rome"] * 30)}, good]))
     overlay = _train_overlay(
