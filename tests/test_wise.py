@@ -208,3 +208,28 @@ def test_state_round_trips_through_a_checkpoint_and_editing_goes_on(records) -> 
     second.edit(records[3:4])
     assert second.wise.merges == 1
     assert ParameterSnapshot(first).differences(second) == []
+
+
+def test_replay_rows_follow_the_shard_are_restored_and_checkpointed(records) -> None:
+    editor = make(n_iter=2, replay=1)  # save_freq 2: a shard every second edit
+    memory = editor.wise
+    first = (records[0].prompt, records[0].target_new)
+    h0 = apply_edit(editor, records[:1])
+    assert memory.replay == [first]
+    assert editor._replayed() == [QAPair(*first)]  # the next edit trains on record 0 again
+    h1 = apply_edit(editor, records[1:2])  # the shard is saved: its replay rows go with it
+    assert memory.replay == [] and editor._replayed() == []
+    apply_edit(editor, records[2:3])
+    assert memory.replay == [(records[2].prompt, records[2].target_new)]
+    checkpoint = {"state_dict": editor.state_dict()}
+    editor.on_save_checkpoint(checkpoint)
+    other = make(n_iter=2, replay=1)
+    other.on_load_checkpoint(checkpoint)
+    other.load_state_dict(checkpoint["state_dict"])
+    assert other.wise.replay == memory.replay
+    h1.restore()  # back to after edit 1 (the later edit's handle is inside: restore in order)
+    assert memory.replay == [first]
+    h0.restore()
+    assert memory.replay == [] and memory.edits == 0
+    with pytest.raises(ValueError, match="replay"):
+        make(replay=-1)

@@ -422,6 +422,10 @@ def test_named_defaults() -> None:
     configs = cache_module.default_model_configs()
     assert configs["tinyfacts"].arch == "gpt2" and configs["tinyfacts-llama"].arch == "llama"
     assert configs["tinyfacts"].n_layer == 2 and configs["tinyfacts"].n_embd == 128
+    wide = configs["tinyfacts-wide"]
+    assert wide.intermediate_size == 2048 and wide.n_layer == 2 and wide.n_embd == 128
+    world, model = cache_module.named_configs("tinyfacts-wide-seed1")
+    assert world == cache_module.named_configs("tinyfacts-seed1")[0] and model.seed == 1
 
 
 def test_stale_temporary_builds_are_removed(tmp_path: Path) -> None:

@@ -91,7 +91,12 @@ class WISEEditor(EditorModule):
         n_irrelevant: Out-of-scope rows per edit drawn from the world (the paper: 1; an
             extension: more rows teach the router a broader out-of-scope set). A record's
             ``meta["loc_prompt"]`` gives one row.
-        seed: Seed of the gradient masks and of the out-of-scope draws.
+        replay: Earlier edits of the current shard whose bare prompt rows join each step's
+            batch as edit rows (an extension, not in the paper: 0 is WISE; ``k > 0`` draws up
+            to ``k`` of them per edit, seeded by the edit counter, so that a new edit is
+            trained not to overwrite the shard's earlier ones). The rows are part of the
+            side memory's state (restored by a handle, saved in checkpoints).
+        seed: Seed of the gradient masks, of the out-of-scope and of the replay draws.
         max_length: Longest training row (prompts cut from the left; ``None``: no limit).
     """
 
@@ -122,6 +127,7 @@ class WISEEditor(EditorModule):
         prefix_seed: int = 0,
         irrelevant: Irrelevant = "auto",
         n_irrelevant: int = 1,
+        replay: int = 0,
         seed: int = 0,
         max_length: int | None = None,
     ) -> None:
@@ -154,6 +160,9 @@ class WISEEditor(EditorModule):
             raise ValueError(f"n_irrelevant must be >= 1, got {n_irrelevant}")
         self.irrelevant = irrelevant
         self.n_irrelevant = n_irrelevant
+        if replay < 0:
+            raise ValueError(f"replay must be >= 0, got {replay}")
+        self.replay = replay
         self.seed = seed
         self.collator = PairCollator(self.tokenizer, "right", max_length)
         lengths = [(5, 5), (10, 5)] if prefix_lengths is None else prefix_lengths
@@ -188,6 +197,8 @@ class WISEEditor(EditorModule):
     def _edit_one(self, record: EditRecord) -> None:
         """Train the side copy on one record, then count the edit (sharding, merging)."""
         pairs = [QAPair(t.format(record.prompt), record.target_new) for t in self.templates]
+        n_own = len(pairs)
+        pairs += self._replayed()
         n_edit = len(pairs)
         batch = self.collator([*pairs, *self._out_of_scope(record)])
         batch = {k: v.to(self.device) for k, v in batch.items() if torch.is_tensor(v)}
@@ -219,12 +230,26 @@ class WISEEditor(EditorModule):
                      stop_below=self.stop_loss, stop_change=self.stop_change,
                      grad_masks=[grad_mask], project=constrain)
             with torch.no_grad():
-                self.model(input_ids=batch["input_ids"][:n_edit], attention_mask=mask[:n_edit])
-                in_scope = sequence_distance(memory.last_distance, mask[:n_edit]).mean()
+                self.model(input_ids=batch["input_ids"][:n_own], attention_mask=mask[:n_own])
+                in_scope = sequence_distance(memory.last_distance, mask[:n_own]).mean()
         finally:
             memory.editing = False
             memory.last_distance = None
+        if self.replay:
+            memory.replay.append((record.prompt, record.target_new))
         memory.finish_edit(float(in_scope))
+
+    def _replayed(self) -> list[QAPair]:
+        """Up to ``replay`` earlier edits of the current shard (bare prompts), seeded."""
+        earlier = self.wise.replay
+        if not self.replay or not earlier:
+            return []
+        if len(earlier) <= self.replay:
+            chosen = list(earlier)
+        else:
+            rng = random.Random(self.seed * 1_000_003 + 7_919 * self.wise.edits + 1)
+            chosen = rng.sample(earlier, self.replay)
+        return [QAPair(prompt, answer) for prompt, answer in chosen]
 
     def _out_of_scope(self, record: EditRecord) -> list[QAPair]:
         """The irrelevant rows of an edit (see ``irrelevant`` and ``n_irrelevant``)."""

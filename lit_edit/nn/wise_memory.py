@@ -129,6 +129,7 @@ class SideMemory(nn.Module):
         self.merged: torch.Tensor | None = None  # Merge mode: the merged side memory
         self.merged_eps: float | None = None
         self.merges = 0
+        self.replay: list[tuple[str, str]] = []  # (prompt, answer) of the current shard's edits
         # per call, not state
         self.editing = False
         self.last_distance: torch.Tensor | None = None  # [B, L] while editing (in the graph)
@@ -302,6 +303,7 @@ class SideMemory(nn.Module):
         with torch.no_grad():
             self.side.copy_(self.original)
         self.eps = None
+        self.replay = []
         self.mask = self._draw_mask(self.edits // self.save_freq)
 
     def _merge(self) -> None:
@@ -348,7 +350,7 @@ class SideMemory(nn.Module):
         return {
             "edits": self.edits, "eps": self.eps, "mask": self.mask,
             "memories": list(self.memories), "merged": self.merged,
-            "merged_eps": self.merged_eps, "merges": self.merges,
+            "merged_eps": self.merged_eps, "merges": self.merges, "replay": list(self.replay),
         }
 
     def _load(self, state: dict[str, Any]) -> None:
@@ -361,6 +363,7 @@ class SideMemory(nn.Module):
         self.merged = None if state["merged"] is None else state["merged"].to(device)
         self.merged_eps = state["merged_eps"]
         self.merges = int(state["merges"])
+        self.replay = [(str(p), str(a)) for p, a in state.get("replay", [])]
         self.last_routes = None
 
     def get_extra_state(self) -> dict[str, Any]:

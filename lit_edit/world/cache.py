@@ -237,7 +237,8 @@ def resolve_tinyfacts(name: str, cache_dir: str | os.PathLike | None = None) -> 
 
     Args:
         name: ``"tinyfacts"`` (default world, tiny GPT-2), ``"tinyfacts-llama"`` (default world,
-            tiny LLaMA), ``"tinyfacts-4l"`` (default world, 4-block tiny GPT-2), or any of them
+            tiny LLaMA), ``"tinyfacts-4l"`` (default world, 4-block tiny GPT-2), ``"tinyfacts-wide"`` (default
+            world, tiny GPT-2 with a 2048-wide MLP), or any of them
             with ``-seed<N>`` appended (``"tinyfacts-seed1"``): another world and another
             model, :class:`WorldConfig` and :class:`TinyLMConfig` both seeded with ``N``
             (``-seed0`` is the default); ``-cf`` appended (``"tinyfacts-cf"``,
@@ -261,9 +262,9 @@ def named_configs(name: str) -> tuple[WorldConfig, TinyLMConfig]:
     See :func:`resolve_tinyfacts` for the names.
 
     Raises:
-        ValueError: on a name that is not ``tinyfacts[-llama|-4l][-seed<N>][-cf]``.
+        ValueError: on a name that is not ``tinyfacts[-llama|-4l|-wide][-seed<N>][-cf]``.
     """
-    match = re.fullmatch(r"(tinyfacts(?:-llama|-4l)?)(?:-seed(\d+))?(-cf)?", name)
+    match = re.fullmatch(r"(tinyfacts(?:-llama|-4l|-wide)?)(?:-seed(\d+))?(-cf)?", name)
     configs = default_model_configs()
     if match is None or match.group(1) not in configs:
         raise ValueError(
@@ -278,14 +279,18 @@ def named_configs(name: str) -> tuple[WorldConfig, TinyLMConfig]:
 
 
 def default_model_configs() -> dict[str, TinyLMConfig]:
-    """The named default models: ``tinyfacts`` (GPT-2), ``tinyfacts-llama`` and ``tinyfacts-4l``.
+    """The named default models: ``tinyfacts`` (GPT-2), ``tinyfacts-llama``, ``tinyfacts-4l`` and
+    ``tinyfacts-wide``.
 
     ``tinyfacts-4l`` is the GPT-2 with 4 blocks instead of 2, for locate-then-edit methods: an
     edit written into an early block's MLP needs later blocks to carry it to the answer
-    (LOCATE_THEN_EDIT.md §9.1).
+    (LOCATE_THEN_EDIT.md §9.1). ``tinyfacts-wide`` is the GPT-2 with a 4x wider MLP (2048
+    instead of 512): a value matrix of 2048 x 128 for side-memory editors (WISE), whose
+    sequential edits overwrite each other in the default 512 x 128 one.
     """
     return {"tinyfacts": TinyLMConfig(arch="gpt2"), "tinyfacts-llama": TinyLMConfig(arch="llama"),
-            "tinyfacts-4l": TinyLMConfig(arch="gpt2", n_layer=4)}
+            "tinyfacts-4l": TinyLMConfig(arch="gpt2", n_layer=4),
+            "tinyfacts-wide": TinyLMConfig(arch="gpt2", intermediate_size=2048)}
 
 
 def load_world(model_dir: str | os.PathLike) -> World:
