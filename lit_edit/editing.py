@@ -139,6 +139,7 @@ class EditSequence(HandleStack):
     def __init__(self) -> None:
         super().__init__()
         self._covered: set[int] = set()  # ids of the parameters copied (alive: held by a copy)
+        self._owners: list[object] = []  # the owners of covered states (keeps their ids alive)
 
     def __enter__(self) -> EditSequence:
         return self
@@ -165,6 +166,27 @@ class EditSequence(HandleStack):
             self._covered.update(id(p) for p in new)
         return CoveredEdit(self)
 
+    def cover_state(self, owner: object, take: Callable[[], EditHandle]) -> CoveredEdit:
+        """Take ``owner``'s state handle if this sequence has not yet; the edit's (empty) handle.
+
+        Args:
+            owner: The object whose (non-parameter) state the edit is about to change.
+            take: Makes the handle restoring ``owner``'s current state.
+
+        Returns:
+            The edit's handle: restored with the sequence, it cannot undo its edit alone.
+
+        Raises:
+            RuntimeError: if the sequence was already restored.
+        """
+        if self.restored:
+            raise RuntimeError("this edit sequence was restored: open a new one")
+        if id(owner) not in self._covered:
+            self._handles.append(take())
+            self._covered.add(id(owner))
+            self._owners.append(owner)  # keeps the id valid while the sequence is open
+        return CoveredEdit(self)
+
     def push(self, handle: EditHandle) -> None:
         """Add the handle of a newer edit (a handle covered by this sequence is not kept)."""
         if isinstance(handle, CoveredEdit) and handle.sequence is self:
@@ -174,6 +196,7 @@ class EditSequence(HandleStack):
     def _restore(self) -> None:
         super()._restore()
         self._covered.clear()
+        self._owners.clear()
 
 
 class CoveredEdit(EditHandle):
@@ -231,6 +254,27 @@ class EditorSequences:
         if self._open:
             return self._open[-1].cover(params)
         return WeightsHandle(params)
+
+    def state_handle(self, owner: object, take: Callable[[], EditHandle]) -> EditHandle:
+        """The handle of an edit about to change a state that is not a parameter (call it before).
+
+        For an editor whose edits change some other state in place (e.g. WISE's side memory):
+        ``take()`` makes a handle that brings the whole of ``owner``'s state back. Outside any
+        sequence that handle is returned (one per edit); inside the innermost open sequence it
+        is taken once, at the sequence's first edit of ``owner``, and the edit gets a
+        :class:`CoveredEdit` holding nothing.
+
+        Args:
+            owner: The object whose state the edit changes (identifies the copy in a sequence).
+            take: Makes the handle restoring ``owner``'s current state.
+
+        Returns:
+            ``take()``'s handle, or a :class:`CoveredEdit` inside an open sequence.
+        """
+        self._prune()
+        if self._open:
+            return self._open[-1].cover_state(owner, take)
+        return take()
 
     def _prune(self) -> None:
         """Forget the sequences restored since (innermost first)."""

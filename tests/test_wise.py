@@ -233,3 +233,19 @@ def test_replay_rows_follow_the_shard_are_restored_and_checkpointed(records) -> 
     assert memory.replay == [] and memory.edits == 0
     with pytest.raises(ValueError, match="replay"):
         make(replay=-1)
+
+
+def test_a_sequential_group_holds_one_snapshot_of_the_side_memory(records) -> None:
+    """Inside an edit sequence only the group's first edit snapshots the side memory."""
+    editor = make(n_iter=2)  # save_freq 2, merge_freq 4: the group crosses saves and a merge
+    before = ParameterSnapshot(editor)
+    with editor.edit_sequence() as sequence:
+        for record in records[:5]:
+            sequence.push(editor.edit([record]))
+        assert editor.wise.merges == 1
+        assert len(sequence) == 1  # one snapshot, not one per edit
+    assert before.differences(editor) == [] and editor.wise.edits == 0
+    handle = editor.edit(records[:1])  # outside a sequence: the edit restores alone
+    assert len(handle) == 1
+    handle.restore()
+    assert before.differences(editor) == []

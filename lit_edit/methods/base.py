@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from abc import ABCMeta, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
 import lightning as L
@@ -123,6 +123,22 @@ class EditorModule(L.LightningModule, metaclass=_EditorMeta):
             The edit's handle.
         """
         return self._sequences.weights_handle(params)
+
+    def state_handle(self, owner: object, take: Callable[[], EditHandle]) -> EditHandle:
+        """The handle of an edit about to change a non-parameter state in place (call it before).
+
+        Like :meth:`weights_handle` for state that is not a parameter (e.g. WISE's side
+        memory): outside an edit sequence ``take()`` (one handle per edit); inside one the
+        sequence takes it once, at its first edit, and the handle holds nothing.
+
+        Args:
+            owner: The object whose state the edit changes.
+            take: Makes a handle restoring ``owner``'s current state.
+
+        Returns:
+            The edit's handle.
+        """
+        return self._sequences.state_handle(owner, take)
 
     def edit_sequence(self) -> EditSequence:
         """Open a sequence of edits kept one after another and undone together.

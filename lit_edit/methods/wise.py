@@ -11,7 +11,7 @@ import torch
 
 from lit_edit.backbone import Backbone, find_module, resolve_model_path
 from lit_edit.data.collate import PairCollator
-from lit_edit.editing import CallbackHandle, EditHandle, HandleStack
+from lit_edit.editing import CallbackHandle, CoveredEdit, EditHandle, HandleStack
 from lit_edit.methods.base import EditorModule
 from lit_edit.nn.edit_optim import optimise
 from lit_edit.nn.fact_tokens import context_prefixes
@@ -185,14 +185,22 @@ class WISEEditor(EditorModule):
             records: Records to edit, in order.
 
         Returns:
-            A handle restoring the whole side-memory state exactly.
+            A handle restoring the whole side-memory state exactly (inside an edit sequence,
+            restored with the sequence: :meth:`~lit_edit.methods.base.EditorModule.state_handle`).
         """
-        stack = HandleStack()
+        handles = []
         for record in records:
-            snapshot = self.wise.snapshot()
+            # inside a sequential group: one snapshot at the group's first edit, none after
+            handles.append(self.state_handle(self.wise, self._snapshot_handle))
             self._edit_one(record)
-            stack.push(CallbackHandle(lambda s=snapshot: self.wise.restore(s)))
-        return stack
+        if handles and all(isinstance(h, CoveredEdit) for h in handles):
+            return handles[-1]  # the sequence holds the snapshot: nothing to keep per edit
+        return HandleStack(handles)
+
+    def _snapshot_handle(self) -> EditHandle:
+        """A handle bringing the side memory back to its current state exactly."""
+        snapshot = self.wise.snapshot()
+        return CallbackHandle(lambda: self.wise.restore(snapshot))
 
     def _edit_one(self, record: EditRecord) -> None:
         """Train the side copy on one record, then count the edit (sharding, merging)."""

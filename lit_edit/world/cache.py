@@ -237,9 +237,9 @@ def resolve_tinyfacts(name: str, cache_dir: str | os.PathLike | None = None) -> 
 
     Args:
         name: ``"tinyfacts"`` (default world, tiny GPT-2), ``"tinyfacts-llama"`` (default world,
-            tiny LLaMA), ``"tinyfacts-4l"`` (default world, 4-block tiny GPT-2), ``"tinyfacts-wide"`` (default
-            world, tiny GPT-2 with a 2048-wide MLP), or any of them
-            with ``-seed<N>`` appended (``"tinyfacts-seed1"``): another world and another
+            tiny LLaMA), ``"tinyfacts-4l"`` (default world, 4-block tiny GPT-2),
+            ``"tinyfacts-wide"`` (default world, tiny GPT-2 with a 2048-wide MLP), or any of
+            them with ``-seed<N>`` appended (``"tinyfacts-seed1"``): another world and another
             model, :class:`WorldConfig` and :class:`TinyLMConfig` both seeded with ``N``
             (``-seed0`` is the default); ``-cf`` appended (``"tinyfacts-cf"``,
             ``"tinyfacts-seed1-cf"``) gives a second model of the same world and tokenizer, its
@@ -279,8 +279,7 @@ def named_configs(name: str) -> tuple[WorldConfig, TinyLMConfig]:
 
 
 def default_model_configs() -> dict[str, TinyLMConfig]:
-    """The named default models: ``tinyfacts`` (GPT-2), ``tinyfacts-llama``, ``tinyfacts-4l`` and
-    ``tinyfacts-wide``.
+    """The named default models: ``tinyfacts``, ``-llama``, ``-4l`` and ``-wide``.
 
     ``tinyfacts-4l`` is the GPT-2 with 4 blocks instead of 2, for locate-then-edit methods: an
     edit written into an early block's MLP needs later blocks to carry it to the answer
