@@ -67,6 +67,8 @@ def method_runs() -> dict[str, MethodRun]:
                          n_test_key="data.init_args.edits.init_args.n_test"),
         "serac": MethodRun("serac", ("configs/serac/tinyfacts.yaml",
                                      "configs/serac/tinyfacts_t1000.yaml")),
+        "wise": MethodRun("wise", ("configs/wise/tinyfacts.yaml",
+                                   "configs/wise/tinyfacts_t1000.yaml")),
     }
 
 
@@ -191,7 +193,7 @@ def edits_only(repo: Path, run: MethodRun, t: int, ckpt: str | None) -> tuple[fl
 
 def label(name: str, ckpt: str | None) -> str:
     """Whether the row's editor is trained."""
-    if name in ("noedit", "ft"):
+    if name in ("noedit", "ft", "wise"):  # nothing to train
         return "n/a"
     if ckpt:
         return "trained"

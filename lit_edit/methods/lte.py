@@ -16,6 +16,7 @@ from lit_edit.links import RecordsOf
 from lit_edit.methods.base import EditorModule
 from lit_edit.methods.lte_editing import RetrievalEditing
 from lit_edit.nn.lora import LoraSettings, default_lora_targets, with_lora
+from lit_edit.nn.losses import answer_logits
 from lit_edit.nn.lte_positions import extend_context, set_dropout
 from lit_edit.nn.lte_states import QuestionStates
 from lit_edit.nn.lte_templates import ChatWrapper, TemplateName, template_text
@@ -187,20 +188,8 @@ class LTEEditor(RetrievalEditing, EditorModule):
         Only the positions that predict an answer token go through the output head (a few per
         sequence): the same loss as full logits, for a fraction of the head's cost.
         """
-        target = batch["labels"][:, 1:]  # [B, L - 1]: position t predicts token t + 1
-        scored = target != IGNORE_INDEX
-        lm = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
-        head = lm.get_output_embeddings()
-        if head is None or getattr(lm.config, "final_logit_softcapping", None):
-            logits = self.model(
-                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-            ).logits[:, :-1][scored]  # [N, V]
-        else:
-            hidden = lm.base_model(
-                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-            ).last_hidden_state  # [B, L, H]
-            logits = head(hidden[:, :-1][scored])  # [N, V]
-        labels = target[scored]  # [N]
+        logits, labels = answer_logits(self.model, batch["input_ids"], batch["attention_mask"],
+                                       batch["labels"])  # [N, V], [N]
         loss = nn.functional.cross_entropy(logits.float(), labels)
         acc = (logits.argmax(-1) == labels).float().mean()
         return loss, acc

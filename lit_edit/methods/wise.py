@@ -16,7 +16,7 @@ from lit_edit.methods.base import EditorModule
 from lit_edit.nn.edit_optim import optimise
 from lit_edit.nn.fact_tokens import context_prefixes
 from lit_edit.nn.layout import matrix_layout, mlp_out_name
-from lit_edit.nn.losses import masked_nll
+from lit_edit.nn.losses import answer_logits
 from lit_edit.nn.wise_memory import ORIGINAL, Mode, SideMemory
 from lit_edit.nn.wise_merge import TiesNormalisation
 from lit_edit.nn.wise_routing import DistanceKind, margin_loss, sequence_distance
@@ -218,10 +218,13 @@ class WISEEditor(EditorModule):
 
         def loss() -> torch.Tensor:
             """Target NLL of the edit rows plus the routing margin loss."""
-            logits = self.model(input_ids=batch["input_ids"], attention_mask=mask).logits
+            # the output head only where an answer token is predicted (the edit rows' answers)
+            logits, target = answer_logits(self.model, batch["input_ids"], mask, labels)
             dist = sequence_distance(memory.last_distance, mask)  # [rows]
             routing = margin_loss(dist[:n_edit], dist[n_edit:], alpha, beta, gamma)
-            return masked_nll(logits[:n_edit], labels[:n_edit]) + routing
+            nll = (torch.nn.functional.cross_entropy(logits.float(), target) if target.numel()
+                   else routing.new_zeros(()))  # the mean over the answer tokens
+            return nll + routing
 
         grad_mask = memory.mask.to(memory.side.dtype)
         decay = self.edit_lr * self.weight_decay

@@ -8,6 +8,7 @@ see :class:`~lit_edit.data.collate.PairCollator`) and align ``logits[:, t]`` wit
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from lit_edit.tokenization import IGNORE_INDEX
 
@@ -15,6 +16,36 @@ from lit_edit.tokenization import IGNORE_INDEX
 def _shift(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits predicting each label and the labels: ``[B, L-1, V]`` and ``[B, L-1]``."""
     return logits[:, :-1], labels[:, 1:]
+
+
+def answer_logits(
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The logits of the positions that predict an answer token, and those tokens.
+
+    Only those positions (a few per sequence) go through the output head: the same values as
+    full logits (``masked_nll`` of them equals ``cross_entropy`` of these), for a fraction of
+    the head's cost. Models without a separate head, or with final logit soft-capping, are
+    run whole and their logits picked.
+
+    Args:
+        model: A causal LM (a peft wrapper is unwrapped for the head).
+        input_ids: ``[B, L]``.
+        attention_mask: ``[B, L]``.
+        labels: ``[B, L]``, ``-100`` where nothing is predicted.
+
+    Returns:
+        ``[N, V]`` logits and ``[N]`` answer tokens, ``N`` the answer tokens of the batch.
+    """
+    target = labels[:, 1:]  # [B, L - 1]: position t predicts token t + 1
+    scored = target != IGNORE_INDEX
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = lm.get_output_embeddings()
+    if head is None or getattr(lm.config, "final_logit_softcapping", None):
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+        return logits[:, :-1][scored], target[scored]  # [N, V], [N]
+    hidden = lm.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    return head(hidden[:, :-1][scored]), target[scored]  # hidden [B, L, H] -> [N, V]
 
 
 def masked_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
