@@ -242,7 +242,7 @@ def test_ddp_fit_with_the_datasets_backend_equals_one_json_process(tmp_path: Pat
             "init_args": {"train_path": str(path), "val_path": str(path), "format": "zsre",
                           "backend": backend, "datasets_cache_dir": str(tmp_path / "cache")},
         }}))
-        return ["--config", str(data)]
+        return ["--config", str(data), "--model.init_args.max_length", "64"]
 
     single, ddp = tmp_path / "single", tmp_path / "ddp"
     train_main([*_args(single), *overlay("json"), "--trainer.accumulate_grad_batches", "2"])
@@ -256,7 +256,9 @@ def test_ddp_fit_with_the_datasets_backend_equals_one_json_process(tmp_path: Pat
         timeout=600,
     )
     assert process.returncode == 0, process.stdout[-3000:]
-    assert len(list((tmp_path / "cache").rglob("*.arrow"))) == 1  # one table, opened by both
+    arrow = sorted(p.name for p in (tmp_path / "cache").rglob("*.arrow"))
+    assert len(arrow) == 2, arrow  # one table, opened by both; its max_length check by rank 0
+    assert len([name for name in arrow if name.startswith("cache-")]) == 1, arrow
     one, two = _learned(single / "final.ckpt"), _learned(ddp / "final.ckpt")
     assert one.keys() == two.keys() and one
     for key in one:
