@@ -12,7 +12,11 @@ process, ``EditDataModule(train_path=FILE, backend=...)``, ``prepare_data()`` th
 * ``mapped MB``: file-backed resident memory added by ``setup`` (the memory-mapped table's
   pages read so far: page cache, shared by every process of the machine, reclaimable);
 * ``peak MB``: the process's peak resident set size (``ru_maxrss``);
-* ``epoch s``: one pass of the training loader (batch 64) building every record.
+* ``epoch s``: one pass of the training loader (batch 64) building every record;
+* with ``--check N``, ``check s`` and ``check MB``: the ``fit``-start ``max_length`` check of a
+  MEND editor with ``max_length: N`` (``EditorModule.setup``: every training record through
+  the training collation; with the ``datasets`` backend tokenized once through ``Dataset.map``
+  and cached, :mod:`lit_edit.data.arrow_tokens`), its time and the private memory it adds.
 
 The cases: ``json`` (a list of records), ``datasets cold`` (an empty cache: the table is built,
 once per machine in a real run, by ``prepare_data``) and ``datasets warm`` (the cache exists:
@@ -20,6 +24,7 @@ every later run, and every other process of a multi-process run).
 
     python bench/data_scale.py                       # 163,000 records
     python bench/data_scale.py --records 20000       # CounterFact-sized
+    python bench/data_scale.py --records 20000 --check 64   # + the max_length check
 """
 
 from __future__ import annotations
@@ -60,7 +65,7 @@ def rss_mb() -> dict[str, float]:
     return {k: int(status[k].split()[0]) / 1024 for k in ("RssAnon", "RssFile")}
 
 
-def child(backend: str, path: str, cache: str) -> None:
+def child(backend: str, path: str, cache: str, check: str) -> None:
     """One measurement (in a fresh process); prints its figures as one JSON line."""
     import logging
 
@@ -81,15 +86,32 @@ def child(backend: str, path: str, cache: str) -> None:
     start = time.perf_counter()
     n = sum(len(batch) for batch in dm.train_dataloader())
     epoch_s = time.perf_counter() - start
+    figures = {"check_s": 0.0, "check_mb": 0.0}
+    if int(check):
+        from types import SimpleNamespace
+
+        import torch
+
+        from lit_edit.methods import MENDEditor
+
+        torch.set_num_threads(1)
+        editor = MENDEditor(backbone="tinyfacts", max_length=int(check))
+        editor._trainer = SimpleNamespace(datamodule=dm, world_size=1)  # type: ignore[assignment]
+        held = rss_mb()["RssAnon"]
+        start = time.perf_counter()
+        editor.setup("fit")
+        figures = {"check_s": time.perf_counter() - start,
+                   "check_mb": rss_mb()["RssAnon"] - held}
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps({"records": n, "setup_s": setup_s, "peak_mb": peak, "epoch_s": epoch_s,
                       "held_mb": after["RssAnon"] - before["RssAnon"],
-                      "mapped_mb": after["RssFile"] - before["RssFile"]}))
+                      "mapped_mb": after["RssFile"] - before["RssFile"], **figures}))
 
 
-def run(backend: str, path: Path, cache: Path) -> dict[str, float]:
+def run(backend: str, path: Path, cache: Path, check: int) -> dict[str, float]:
     """Run :func:`child` in a fresh interpreter and return its figures."""
-    out = subprocess.run([sys.executable, __file__, "--child", backend, str(path), str(cache)],
+    out = subprocess.run([sys.executable, __file__, "--child", backend, str(path), str(cache),
+                          str(check)],
                          check=True, capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -99,7 +121,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--records", type=int, default=163_000, help="records in the file")
     parser.add_argument("--dir", default="/tmp/lit_edit_data_scale", help="scratch folder")
-    parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
+    parser.add_argument("--check", type=int, default=0, metavar="N",
+                        help="also time the fit-start max_length check of MEND at max_length N")
+    parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         child(*args.child)
@@ -113,13 +137,14 @@ def main() -> None:
     shutil.rmtree(cache, ignore_errors=True)
     print(f"{path}: {args.records} records, {path.stat().st_size / 2**20:.1f} MB")
     print(f"{'case':<16}{'setup s':>9}{'held MB':>9}{'mapped MB':>11}{'peak MB':>9}"
-          f"{'epoch s':>9}")
+          f"{'epoch s':>9}{'check s':>9}{'check MB':>10}")
     for name, backend in (("json", "json"), ("datasets cold", "datasets"),
                           ("datasets warm", "datasets")):
-        r = run(backend, path, cache)
+        r = run(backend, path, cache, args.check)
         assert r["records"] == args.records, r
         print(f"{name:<16}{r['setup_s']:>9.2f}{r['held_mb']:>9.0f}{r['mapped_mb']:>11.0f}"
-              f"{r['peak_mb']:>9.0f}{r['epoch_s']:>9.2f}")
+              f"{r['peak_mb']:>9.0f}{r['epoch_s']:>9.2f}{r['check_s']:>9.2f}"
+              f"{r['check_mb']:>10.0f}")
 
 
 if __name__ == "__main__":

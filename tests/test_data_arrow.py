@@ -242,7 +242,7 @@ def test_ddp_fit_with_the_datasets_backend_equals_one_json_process(tmp_path: Pat
             "init_args": {"train_path": str(path), "val_path": str(path), "format": "zsre",
                           "backend": backend, "datasets_cache_dir": str(tmp_path / "cache")},
         }}))
-        return ["--config", str(data)]
+        return ["--config", str(data), "--model.init_args.max_length", "64"]
 
     single, ddp = tmp_path / "single", tmp_path / "ddp"
     train_main([*_args(single), *overlay("json"), "--trainer.accumulate_grad_batches", "2"])
@@ -256,7 +256,9 @@ def test_ddp_fit_with_the_datasets_backend_equals_one_json_process(tmp_path: Pat
         timeout=600,
     )
     assert process.returncode == 0, process.stdout[-3000:]
-    assert len(list((tmp_path / "cache").rglob("*.arrow"))) == 1  # one table, opened by both
+    arrow = sorted(p.name for p in (tmp_path / "cache").rglob("*.arrow"))
+    assert len(arrow) == 2, arrow  # one table, opened by both; its max_length check by rank 0
+    assert len([name for name in arrow if name.startswith("cache-")]) == 1, arrow
     one, two = _learned(single / "final.ckpt"), _learned(ddp / "final.ckpt")
     assert one.keys() == two.keys() and one
     for key in one:
@@ -308,3 +310,68 @@ def test_the_validation_is_kept_for_later_reads(tmp_path: Path, monkeypatch: pyt
         first.notes, first.unused_keys, first.num_read)
     with pytest.raises(AssertionError, match="validated again"):  # other options: validated
         read_records_arrow("bad.json", skip_invalid=False, cache_dir=cache)
+
+
+def _long_answer_file(tmp_path: Path) -> Path:
+    """A ZsRE file whose record 2 has a locality answer longer than ``max_length`` 12."""
+    good = [zsre_raw(src=f"Which country is Paris {i} in?", subject=f"Paris {i}")
+            for i in range(6)]
+    good[2]["loc_ans"] = " ".join(["Rome"] * 30)
+    return write_json(tmp_path / "long.json", good)
+
+
+def _checked(tmp_path: Path, backend: str, path: Path, **model: Any) -> EditDataModule:
+    """``EditorModule.setup('fit')`` of a MEND editor on ``path`` (train and val splits)."""
+    from types import SimpleNamespace
+
+    from lit_edit.methods import MENDEditor
+
+    dm = module(backend, tmp_path, train_path=str(path), val_path=str(path), format="zsre")
+    dm.setup("fit")
+    editor = MENDEditor(backbone="tinyfacts", **{"max_length": 12, **model})
+    editor._trainer = SimpleNamespace(datamodule=dm, world_size=1)  # type: ignore[assignment]
+    editor.setup("fit")
+    return dm
+
+
+def test_max_length_check_is_tokenized_once_and_cached(tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    import lit_edit.data.arrow_tokens as arrow_tokens
+
+    torch.set_num_threads(1)
+    path = _long_answer_file(tmp_path)
+    by_json = _checked(tmp_path, "json", path, long_records="skip")
+    calls: list[int] = []
+    fits, getitem = arrow_tokens._fits, ArrowRecords.__getitem__
+    monkeypatch.setattr(arrow_tokens, "_fits", lambda *a: calls.append(1) or fits(*a))
+    monkeypatch.setattr(ArrowRecords, "__getitem__",
+                        lambda *a: pytest.fail("the split was materialised"))
+    first = _checked(tmp_path, "datasets", path, long_records="skip")
+    assert len(calls) == 6  # each record tokenized once: the val split (same rows) reuses it
+    cached = list((tmp_path / "cache").rglob("cache-*.arrow"))
+    assert len(cached) == 1  # the flags of the rows, next to the table
+    monkeypatch.setattr(ArrowRecords, "__getitem__", getitem)
+    for split in ("train", "val"):
+        assert isinstance(first.records[split], ArrowRecords)
+        assert list(first.records[split]) == by_json.records[split]
+        assert [r.index for r in first.records[split]] == [0, 1, 3, 4, 5]
+
+    calls.clear()  # a second run opens the cache: nothing is tokenized
+    again = _checked(tmp_path, "datasets", path, long_records="skip")
+    assert calls == [] and list(again.records["train"]) == by_json.records["train"]
+    assert sorted((tmp_path / "cache").rglob("cache-*.arrow")) == sorted(cached)
+
+    _checked(tmp_path, "datasets", path, long_records="skip", max_length=64)  # other settings
+    assert len(calls) == 6 and len(list((tmp_path / "cache").rglob("cache-*.arrow"))) == 2
+
+
+def test_max_length_error_from_the_cache_is_the_json_backends(tmp_path: Path) -> None:
+    torch.set_num_threads(1)
+    path = _long_answer_file(tmp_path)
+    errors = []
+    for backend in ("json", "datasets", "datasets"):  # the second datasets run: from the cache
+        with pytest.raises(DataFileError) as raised:
+            _checked(tmp_path, backend, path)
+        errors.append(str(raised.value))
+    assert errors[0] == errors[1] == errors[2]
+    assert errors[0].startswith(f"{path}: record 2: train split: max_length=12 leaves no room")

@@ -187,6 +187,18 @@ def _raws(table: Dataset, json_rows: bool, rows: Sequence[int] | None = None) ->
         yield from _decode(batch, columns, len(batch[columns[0]]), json_rows)
 
 
+def decode_rows(batch: Mapping[str, list[Any]], json_rows: bool) -> Iterator[Any]:
+    """Decode a batch of rows (as ``Dataset.map`` hands them over) into raw records.
+
+    Args:
+        batch: Column name to the batch's values.
+        json_rows: Whether the rows are JSON texts (see :func:`open_table`).
+    """
+    columns = list(batch)
+    count = len(batch[columns[0]]) if columns else 0
+    return _decode(batch, columns, count, json_rows)
+
+
 def _decode(batch: Mapping[str, list[Any]], columns: list[str], count: int,
             json_rows: bool) -> Iterator[Any]:
     if json_rows:
@@ -232,15 +244,16 @@ class ArrowRecords(Sequence[EditRecord]):
         if isinstance(index, slice):
             return self.select(range(len(self))[index])
         row = int(self.rows[index])
-        return self._build(row, next(_raws(self.table, self.json_rows, [row])))
+        return self.build(row, next(_raws(self.table, self.json_rows, [row])))
 
     def __getitems__(self, indices: Sequence[int]) -> list[EditRecord]:
         """The records at ``indices`` (one table read for the batch)."""
         rows = [int(self.rows[i]) for i in indices]
-        return [self._build(r, raw) for r, raw in zip(rows, _raws(self.table, self.json_rows,
+        return [self.build(r, raw) for r, raw in zip(rows, _raws(self.table, self.json_rows,
                                                                    rows), strict=True)]
 
-    def _build(self, row: int, raw: Any) -> EditRecord:
+    def build(self, row: int, raw: Any) -> EditRecord:
+        """The record of table row ``row`` from its decoded ``raw`` object."""
         return self.reader.parse(raw, row, self.source)
 
     def select(self, indices: Sequence[int]) -> ArrowRecords:
