@@ -19,7 +19,7 @@ from transformers import (
 from lit_edit.editing import HandleStack, ParameterSnapshot
 from lit_edit.methods import FTEditor, MENDEditor
 from lit_edit.nn.hooks import capture_factors
-from lit_edit.nn.losses import locality_kl, masked_nll
+from lit_edit.nn.losses import answer_logits, locality_kl, masked_nll
 from lit_edit.nn.mend import GradientTransform, LowRankResidual, MENDNetwork, RunningNorm
 from lit_edit.records import EditRecord, QAPair
 
@@ -167,6 +167,25 @@ def test_untrained_editor_edit_is_a_scaled_gradient_step(
         assert (p - b).abs().max() > 1e-4
         # compare with float32 rounding of W + update in mind (|W| ~ 1)
         torch.testing.assert_close(p - b, sign * 1e-2 * g, rtol=1e-4, atol=3e-7)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_answer_logits_are_the_full_logits_at_the_answer_positions(
+    backbones: dict[str, str], arch: str
+) -> None:
+    ed = editor(backbones, arch)
+    batch = ed.collator.pairs([record(0).edit_pair, record(1).edit_pair, record(2).edit_pair])
+    with torch.no_grad():
+        full = ed.model(input_ids=batch["input_ids"],
+                        attention_mask=batch["attention_mask"]).logits  # [B, L, V]
+        logits, target = answer_logits(ed.model, batch["input_ids"], batch["attention_mask"],
+                                       batch["labels"])
+    rows, cols = torch.nonzero(batch["labels"][:, 1:] != -100, as_tuple=True)
+    assert len(rows) == len(target) >= 3  # every row has its answer
+    torch.testing.assert_close(logits, full[rows, cols], rtol=1e-5, atol=1e-5)
+    assert torch.equal(target, batch["input_ids"][rows, cols + 1])  # the next tokens
+    nll = torch.nn.functional.cross_entropy(logits, target)
+    torch.testing.assert_close(nll, masked_nll(full, batch["labels"]), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
