@@ -14,6 +14,7 @@ from lit_edit.nn.fact_tokens import context_prefixes, requests_of
 from lit_edit.nn.layout import matrix_layout, mlp_out_name
 from lit_edit.nn.locate import (
     apply_matrix_update,
+    check_value_settings,
     compute_keys,
     compute_values,
     rank_one_update,
@@ -100,10 +101,7 @@ class ROMEEditor(EditorModule):
         stats_dir: str | None = None,
     ) -> None:
         super().__init__(backbone)
-        if steps < 1:
-            raise ValueError(f"steps must be >= 1, got {steps}")
-        if "{}" not in kl_prompt:
-            raise ValueError(f"kl_prompt needs a '{{}}' for the subject, got {kl_prompt!r}")
+        check_value_settings("ROMEEditor", steps, kl_prompt)
         self.layer_name = mlp_out_name(self.model, layer)
         self.weight_name = f"{self.layer_name}.weight"
         # held in a plain dict: an attribute would register them a second time in state_dict
