@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from typing import Literal
 
 import torch
 
@@ -37,7 +38,8 @@ class AlphaEditEditor(EditorModule):
     matrix, ``P`` projects on the null space of the preserved keys: the eigenvectors of their
     second moment ``C = E[k kᵀ]`` whose eigenvalue is below ``nullspace_threshold · λ_max(C)``
     (a *relative* rule: upstream's absolute 2e-2 depends on the model's activation scale,
-    §9.3). The update (paper eq. 14)
+    §9.3), or (``nullspace_rule: energy``) the smallest eigenvalues holding at most that
+    fraction of ``trace(C)``. The update (paper eq. 14)
 
     ``ΔW = R Kᵀ P (K_p K_pᵀ P + K Kᵀ P + α I)⁻¹``
 
@@ -53,7 +55,11 @@ class AlphaEditEditor(EditorModule):
         backbone: Model to edit (see :class:`~lit_edit.methods.base.EditorModule`).
         layers: Blocks whose MLP output matrices are edited, ascending (negative counts from
             the end); the targets live at the last one.
-        nullspace_threshold: Relative eigenvalue threshold of the null space.
+        nullspace_threshold: Relative threshold of the null space.
+        nullspace_rule: ``"max"`` (eigenvalues below ``nullspace_threshold · λ_max``) or
+            ``"energy"`` (the smallest eigenvalues summing to at most
+            ``nullspace_threshold · trace(C)``; see
+            :func:`~lit_edit.nn.memit_solve.nullspace_projector`).
         l2: ``α``, the ridge of the solve (``L2``; upstream 10).
         steps: Most Adam steps of the target optimisation (``v_num_grad_steps``).
         lr: Adam learning rate of ``δ`` (``v_lr``).
@@ -84,6 +90,7 @@ class AlphaEditEditor(EditorModule):
         backbone: Backbone | str = "tinyfacts",
         layers: list[int] | None = None,
         nullspace_threshold: float = 1e-2,
+        nullspace_rule: Literal["max", "energy"] = "max",
         l2: float = 10.0,
         steps: int = 20,
         lr: float = 0.5,
@@ -105,6 +112,9 @@ class AlphaEditEditor(EditorModule):
     ) -> None:
         super().__init__(backbone)
         check_value_settings(type(self).__name__, steps, kl_prompt)
+        if nullspace_rule not in ("max", "energy"):
+            raise ValueError(f"AlphaEditEditor: nullspace_rule must be 'max' or 'energy', got "
+                             f"{nullspace_rule!r}")
         if nullspace_threshold <= 0 or l2 < 0:
             raise ValueError(f"AlphaEditEditor: nullspace_threshold must be > 0 and l2 >= 0, "
                              f"got {nullspace_threshold} and {l2}")
@@ -117,6 +127,7 @@ class AlphaEditEditor(EditorModule):
             "stop_below": stop_below,
         }
         self.nullspace_threshold = nullspace_threshold
+        self.nullspace_rule = nullspace_rule
         self.l2 = l2
         self.mom2_exclude_subject = mom2_exclude_subject
         self.accumulate_keys = accumulate_keys
@@ -143,11 +154,12 @@ class AlphaEditEditor(EditorModule):
             subjects = [r.subject for r in requests]
             return [nullspace_projector(
                 self.moments.moment_without_subjects(m.name, subjects, type(self).__name__),
-                self.nullspace_threshold) for m in self.matrices]
+                self.nullspace_threshold, self.nullspace_rule) for m in self.matrices]
         for m in self.matrices:
             if m.name not in self._projectors:
-                self._projectors[m.name] = nullspace_projector(self.moments.moment(m.name)[0],
-                                                               self.nullspace_threshold)
+                self._projectors[m.name] = nullspace_projector(
+                    self.moments.moment(m.name)[0], self.nullspace_threshold,
+                    self.nullspace_rule)
         return [self._projectors[m.name] for m in self.matrices]
 
     def edit(self, records: Sequence[EditRecord]) -> EditHandle:

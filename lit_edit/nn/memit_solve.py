@@ -175,18 +175,23 @@ def memit_update(
 
 
 def nullspace_projector(
-    second_moment: torch.Tensor, threshold: float
+    second_moment: torch.Tensor, threshold: float, rule: str = "max"
 ) -> tuple[torch.Tensor, int]:
     """AlphaEdit's projector on the null space of the preserved keys, by a relative rule.
 
-    The eigenvectors ``Û`` of ``C`` whose eigenvalue is below ``threshold · λ_max(C)``;
-    ``P = Û Ûᵀ``.
-    (Upstream thresholds absolute eigenvalues at 2e-2, which depends on the activation scale
-    of the model; LOCATE_THEN_EDIT.md §9.3.)
+    ``P = Û Ûᵀ`` with ``Û`` the eigenvectors of ``C`` chosen by ``rule``:
+
+    * ``"max"``: those whose eigenvalue is below ``threshold · λ_max(C)`` (upstream thresholds
+      absolute eigenvalues at 2e-2, which depends on the model's activation scale; §9.3);
+    * ``"energy"``: the most of the smallest ones whose eigenvalues sum to at most
+      ``threshold · trace(C)``, so that the preserved keys keep at most that fraction of their
+      energy in the null space (``E‖P k‖² ≤ threshold · E‖k‖²``), whatever the spectrum's
+      outliers (GPT-2's few dominant dimensions make ``"max"`` keep most of the space).
 
     Args:
         second_moment: ``[d, d]`` symmetric positive semi-definite ``C``.
-        threshold: Relative eigenvalue threshold (``0 < threshold``).
+        threshold: Relative threshold (``0 < threshold``).
+        rule: ``"max"`` or ``"energy"``.
 
     Returns:
         ``(P [d, d] float64, null-space dimension)``.
@@ -194,7 +199,13 @@ def nullspace_projector(
     if threshold <= 0:
         raise ValueError(f"nullspace_threshold must be > 0, got {threshold}")
     values, vectors = torch.linalg.eigh(second_moment.double())  # ascending, [d], [d, d]
-    kept = vectors[:, values < threshold * values.max()]  # [d, q]
+    if rule == "max":
+        chosen = values < threshold * values.max()
+    elif rule == "energy":
+        chosen = values.clamp(min=0).cumsum(0) <= threshold * values.clamp(min=0).sum()
+    else:
+        raise ValueError(f"nullspace_rule must be 'max' or 'energy', got {rule!r}")
+    kept = vectors[:, chosen]  # [d, q]
     return kept @ kept.T, int(kept.shape[1])
 
 
