@@ -121,6 +121,23 @@ def test_nullspace_projector_uses_a_relative_threshold() -> None:
         nullspace_projector(moment, 0.0)
 
 
+def test_the_energy_rule_bounds_the_preserved_keys_energy_in_the_null_space() -> None:
+    g = _generator(7)
+    d = 16
+    preserved = torch.randn(400, d, generator=g, dtype=torch.float64) * torch.logspace(
+        1, -2, d, dtype=torch.float64)
+    preserved[:, 0] *= 50.0  # one dominant dimension, as in GPT-2
+    moment = preserved.T @ preserved / 400
+    projector, dim = nullspace_projector(moment, 1e-2, rule="energy")
+    inside = (preserved @ projector).pow(2).sum() / preserved.pow(2).sum()  # E‖Pk‖² / E‖k‖²
+    assert 0 < dim < d
+    assert inside <= 1e-2 + 1e-12
+    eigenvalues = torch.linalg.eigvalsh(moment)  # ascending
+    assert eigenvalues[: dim + 1].sum() > 1e-2 * eigenvalues.sum()  # as many as the bound allows
+    with pytest.raises(ValueError, match="nullspace_rule"):
+        nullspace_projector(moment, 1e-2, rule="bottom")
+
+
 @pytest.mark.parametrize("kind", ["conv1d", "linear"])
 def test_alphaedit_update_leaves_the_preserved_keys_outputs_unchanged(kind) -> None:
     g = _generator(5)
