@@ -168,6 +168,18 @@ def _tick(progress: Callable[[int], None] | None, n: int) -> None:
         progress(n)
 
 
+def _check_edits_per_call(editor: Editor, n: int, what: str, alternative: str) -> None:
+    """Refuse an editor whose ``max_edits_per_call`` is below the ``n`` edits a call gets.
+
+    Raises:
+        ValueError: naming the editor, ``what`` the protocol does and the ``alternative``.
+    """
+    limit = getattr(editor, "max_edits_per_call", None)
+    if limit is not None and limit < n:
+        raise ValueError(f"{type(editor).__name__} applies at most {limit} edit(s) at a time; "
+                         f"{what}: use {alternative}")
+
+
 class SingleEdit(EditingProtocol):
     """Edit one record, score it, restore; for every record (EasyEdit's default protocol).
 
@@ -259,13 +271,9 @@ class BatchEdit(EditingProtocol):
 
     def check(self, editor: Editor) -> None:
         """Refuse an editor that takes fewer edits per call than ``batch_size``."""
-        limit = getattr(editor, "max_edits_per_call", None)
-        if limit is not None and limit < self.batch_size:
-            raise ValueError(
-                f"{type(editor).__name__} applies at most {limit} edit(s) at a time; the batch "
-                f"protocol applies {self.batch_size} together: use "
-                "lit_edit.protocols.SingleEdit or SequentialEdit"
-            )
+        _check_edits_per_call(editor, self.batch_size,
+                              f"the batch protocol applies {self.batch_size} together",
+                              "lit_edit.protocols.SingleEdit or SequentialEdit")
 
     def run(self, editor, records, evaluator, group, progress=None):
         """Edit all records at once, score, restore (see :meth:`EditingProtocol.run`)."""
@@ -322,13 +330,9 @@ class SequentialEdit(EditingProtocol):
 
     def check(self, editor: Editor) -> None:
         """Refuse an editor that takes fewer edits per call than ``batch_size``."""
-        limit = getattr(editor, "max_edits_per_call", None)
-        if limit is not None and limit < self.batch_size:
-            raise ValueError(
-                f"{type(editor).__name__} applies at most {limit} edit(s) at a time; this "
-                f"sequential protocol applies {self.batch_size} per call: use "
-                "lit_edit.protocols.SequentialEdit with batch_size: 1"
-            )
+        _check_edits_per_call(editor, self.batch_size,
+                              f"this sequential protocol applies {self.batch_size} per call",
+                              "lit_edit.protocols.SequentialEdit with batch_size: 1")
 
     @property
     def group_size(self) -> int:

@@ -9,20 +9,19 @@ from typing import Literal
 import torch
 
 from lit_edit.backbone import Backbone
-from lit_edit.editing import EditHandle, restored_on_error
+from lit_edit.editing import EditHandle
 from lit_edit.methods.base import EditorModule
 from lit_edit.nn.corpus_moments import CorpusMoments
 from lit_edit.nn.fact_tokens import FactRequest, requests_of
-from lit_edit.nn.locate import check_value_settings, compute_values
+from lit_edit.nn.locate import check_value_settings
 from lit_edit.nn.memit_solve import (
     EditKeys,
     alphaedit_update,
     edited_matrices,
     last_block,
-    memit_keys,
     memit_prefixes,
     nullspace_projector,
-    spread_updates,
+    spread_edit,
 )
 from lit_edit.records import EditRecord
 
@@ -193,18 +192,12 @@ class AlphaEditEditor(EditorModule):
                      name, dim, projector.shape[0], float(inside))
             return alphaedit_update(residual, keys, projector, self.l2, previous.gram(j))
 
-        with restored_on_error(handle):
-            targets = compute_values(self.model, self.tokenizer, self._block["block"], requests,
-                                     self.templates, **self.value_settings).targets
-            spread_updates(self.model, self.tokenizer, requests, self.matrices,
-                           self._block["block"], self.templates, targets, solve)
+        edited = spread_edit(self.model, self.tokenizer, requests, self.matrices,
+                             self._block["block"], self.templates, self.value_settings, handle,
+                             solve, self.edit_keys if self.accumulate_keys else None)
         for record in records:
             self._record_values[(record.source, record.index)] = values
-        if not self.accumulate_keys:
-            return handle
-        keys = [memit_keys(self.model, self.tokenizer, m.module, requests, self.templates)
-                for m in self.matrices]  # on the edited model
-        return self.edit_keys.record(handle, keys)
+        return edited
 
     def record_values(self, records: Sequence[EditRecord]) -> list[dict[str, float | None]]:
         """Per record: the null-space dimension of each matrix and ``‖P k‖ / ‖k‖`` at its edit."""

@@ -7,19 +7,18 @@ from collections.abc import Sequence
 import torch
 
 from lit_edit.backbone import Backbone
-from lit_edit.editing import EditHandle, restored_on_error
+from lit_edit.editing import EditHandle
 from lit_edit.methods.base import EditorModule
 from lit_edit.nn.corpus_moments import CorpusMoments
 from lit_edit.nn.fact_tokens import FactRequest, requests_of
-from lit_edit.nn.locate import check_value_settings, compute_values
+from lit_edit.nn.locate import check_value_settings
 from lit_edit.nn.memit_solve import (
     EditKeys,
     edited_matrices,
     last_block,
-    memit_keys,
     memit_prefixes,
     memit_update,
-    spread_updates,
+    spread_edit,
 )
 from lit_edit.records import EditRecord
 
@@ -160,13 +159,6 @@ class MEMITEditor(EditorModule):
             return memit_update(residual, keys, moments[j], self.mom2_update_weight,
                                 previous.gram(j))
 
-        with restored_on_error(handle):
-            values = compute_values(self.model, self.tokenizer, self._block["block"], requests,
-                                    self.templates, **self.value_settings)
-            spread_updates(self.model, self.tokenizer, requests, self.matrices,
-                           self._block["block"], self.templates, values.targets, solve)
-        if not self.accumulate_keys:
-            return handle
-        keys = [memit_keys(self.model, self.tokenizer, m.module, requests, self.templates)
-                for m in self.matrices]  # on the edited model
-        return self.edit_keys.record(handle, keys)
+        return spread_edit(self.model, self.tokenizer, requests, self.matrices,
+                           self._block["block"], self.templates, self.value_settings, handle,
+                           solve, self.edit_keys if self.accumulate_keys else None)

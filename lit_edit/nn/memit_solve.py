@@ -27,16 +27,23 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from lit_edit.backbone import find_module, find_parameter
-from lit_edit.editing import CallbackHandle, CoveredEdit, EditHandle, HandleStack
+from lit_edit.editing import (
+    CallbackHandle,
+    CoveredEdit,
+    EditHandle,
+    HandleStack,
+    restored_on_error,
+)
 from lit_edit.nn.fact_tokens import FactRequest, context_prefixes
 from lit_edit.nn.layout import MatrixLayout, block_name, matrix_layout, mlp_out_name
-from lit_edit.nn.locate import apply_matrix_update, compute_keys
+from lit_edit.nn.locate import apply_matrix_update, compute_keys, compute_values
 
 
 @dataclass(frozen=True)
@@ -273,6 +280,48 @@ def spread_updates(
         apply_matrix_update(matrix.weight, matrix.layout, update)
         updates.append(update)
     return updates
+
+
+def spread_edit(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    requests: Sequence[FactRequest],
+    matrices: Sequence[EditedMatrix],
+    block: nn.Module,
+    templates: Sequence[str],
+    value_settings: dict[str, Any],
+    handle: EditHandle,
+    solve: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor],
+    edit_keys: EditKeys | None = None,
+) -> EditHandle:
+    """A whole MEMIT-family edit: targets, then :func:`spread_updates`, then the batch's keys.
+
+    Args:
+        model: The causal LM (its matrices are changed in place).
+        tokenizer: A fast tokenizer.
+        requests: ``n`` facts.
+        matrices: The edited matrices, ascending.
+        block: The block of the last edited layer.
+        templates: Context templates (``"{}"`` first), of the targets and the keys.
+        value_settings: Keyword arguments of :func:`~lit_edit.nn.locate.compute_values`.
+        handle: The edit's weights handle, taken before any change (restored if the edit
+            fails half-way, outside a sequence: :func:`~lit_edit.editing.restored_on_error`).
+        solve: The per-matrix solve (see :func:`spread_updates`).
+        edit_keys: Where the batch's keys (read on the edited model) are recorded for later
+            batches, or ``None``.
+
+    Returns:
+        The edit's handle (also undoing the key record, if any).
+    """
+    with restored_on_error(handle):
+        targets = compute_values(model, tokenizer, block, requests, templates,
+                                 **value_settings).targets  # [n, d]
+        spread_updates(model, tokenizer, requests, matrices, block, templates, targets, solve)
+    if edit_keys is None:
+        return handle
+    keys = [memit_keys(model, tokenizer, m.module, requests, templates)
+            for m in matrices]  # on the edited model
+    return edit_keys.record(handle, keys)
 
 
 class EditKeys:
