@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from types import TracebackType
 from typing import Any
 
@@ -72,6 +73,25 @@ class WeightsHandle(EditHandle):
             for param, original in self._saved:
                 param.copy_(original)
         self._saved.clear()  # the copies are not needed any more
+
+
+@contextmanager
+def restored_on_error(handle: EditHandle) -> Iterator[None]:
+    """Undo an edit whose application fails half-way, then re-raise.
+
+    For an edit that changes parameters in steps (e.g. MEMIT, layer after layer): a
+    :class:`WeightsHandle` is restored at once; a :class:`CoveredEdit` is left to its
+    sequence, whose rollback restores it.
+
+    Args:
+        handle: The edit's handle, taken before the first change.
+    """
+    try:
+        yield
+    except BaseException:
+        if not isinstance(handle, CoveredEdit):
+            handle.restore()
+        raise
 
 
 class CallbackHandle(EditHandle):

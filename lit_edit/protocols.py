@@ -168,6 +168,18 @@ def _tick(progress: Callable[[int], None] | None, n: int) -> None:
         progress(n)
 
 
+def _check_edits_per_call(editor: Editor, n: int, what: str, alternative: str) -> None:
+    """Refuse an editor whose ``max_edits_per_call`` is below the ``n`` edits a call gets.
+
+    Raises:
+        ValueError: naming the editor, ``what`` the protocol does and the ``alternative``.
+    """
+    limit = getattr(editor, "max_edits_per_call", None)
+    if limit is not None and limit < n:
+        raise ValueError(f"{type(editor).__name__} applies at most {limit} edit(s) at a time; "
+                         f"{what}: use {alternative}")
+
+
 class SingleEdit(EditingProtocol):
     """Edit one record, score it, restore; for every record (EasyEdit's default protocol).
 
@@ -259,13 +271,9 @@ class BatchEdit(EditingProtocol):
 
     def check(self, editor: Editor) -> None:
         """Refuse an editor that takes fewer edits per call than ``batch_size``."""
-        limit = getattr(editor, "max_edits_per_call", None)
-        if limit is not None and limit < self.batch_size:
-            raise ValueError(
-                f"{type(editor).__name__} applies at most {limit} edit(s) at a time; the batch "
-                f"protocol applies {self.batch_size} together: use "
-                "lit_edit.protocols.SingleEdit or SequentialEdit"
-            )
+        _check_edits_per_call(editor, self.batch_size,
+                              f"the batch protocol applies {self.batch_size} together",
+                              "lit_edit.protocols.SingleEdit or SequentialEdit")
 
     def run(self, editor, records, evaluator, group, progress=None):
         """Edit all records at once, score, restore (see :meth:`EditingProtocol.run`)."""
@@ -294,18 +302,37 @@ class SequentialEdit(EditingProtocol):
     so memory does not grow with T for weight editors (an edit memory grows by its entries);
     the rollback at the end of the group is bit-exact, even when an edit or the scoring fails.
 
+    With ``batch_size`` > 1 the group's edits are applied ``batch_size`` records at a time
+    (sequential batches, e.g. AlphaEdit's 10 batches of 100: ``group_size`` 1000,
+    ``batch_size`` 100); ``"after_each"`` then scores each batch right after it is applied.
+
     Args:
         group_size: T, the number of edits kept before rolling back.
         evaluate: ``"after_group"`` or ``"after_each"`` (required: there is no implicit default).
+        batch_size: Records per edit call within the group (the last batch may be smaller).
     """
 
-    def __init__(self, group_size: int, evaluate: Literal["after_group", "after_each"]) -> None:
+    def __init__(
+        self,
+        group_size: int,
+        evaluate: Literal["after_group", "after_each"],
+        batch_size: int = 1,
+    ) -> None:
         if group_size < 1:
             raise ValueError(f"group_size must be >= 1, got {group_size}")
         if evaluate not in ("after_group", "after_each"):
             raise ValueError(f"evaluate must be 'after_group' or 'after_each', got {evaluate!r}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.t = group_size
         self.evaluate = evaluate
+        self.batch_size = batch_size
+
+    def check(self, editor: Editor) -> None:
+        """Refuse an editor that takes fewer edits per call than ``batch_size``."""
+        _check_edits_per_call(editor, self.batch_size,
+                              f"this sequential protocol applies {self.batch_size} per call",
+                              "lit_edit.protocols.SequentialEdit with batch_size: 1")
 
     @property
     def group_size(self) -> int:
@@ -316,18 +343,25 @@ class SequentialEdit(EditingProtocol):
         """Edit one by one, keep the edits, score, roll back (see :meth:`EditingProtocol.run`)."""
         pre = evaluator.measure(editor, records)
         post = []
+        applied: list[int] = []
         with open_sequence(editor) as sequence:
-            for record in records:
-                sequence.push(apply_edit(editor, [record]))
-                _tick(progress, 1)
+            for start in range(0, len(records), self.batch_size):
+                batch = list(records[start : start + self.batch_size])
+                sequence.push(apply_edit(editor, batch))
+                _tick(progress, len(batch))
+                applied.extend([start + len(batch)] * len(batch))
                 if self.evaluate == "after_each":
-                    post.extend(evaluator.measure(editor, [record]))
+                    post.extend(evaluator.measure(editor, batch))
             if self.evaluate == "after_group":
                 post = evaluator.measure(editor, records)
         n = len(records)
-        applied = list(range(1, n + 1)) if self.evaluate == "after_each" else [n] * n
+        if self.evaluate == "after_group":
+            applied = [n] * n
         return self._results(records, evaluator, pre, post, group, list(range(n)), applied)
 
     def describe(self) -> dict[str, Any]:
         """Name and settings."""
-        return {"protocol": "sequential", "group_size": self.t, "evaluate": self.evaluate}
+        out = {"protocol": "sequential", "group_size": self.t, "evaluate": self.evaluate}
+        if self.batch_size > 1:
+            out["batch_size"] = self.batch_size
+        return out

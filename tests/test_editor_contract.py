@@ -30,6 +30,10 @@ OVERRIDES = {
     "LTEEditor": ["--model.init_args.scope", "null", "--model.init_args.retriever", "hashing"],
     # the 2-block model (cached for every test) instead of tinyfacts-4l (an 8-minute build)
     "ROMEEditor": ["--model.init_args.backbone", "tinyfacts"],
+    "MEMITEditor": ["--model.init_args.backbone", "tinyfacts", "--model.init_args.layers", "[0]",
+                    "--model.init_args.steps", "5"],
+    "AlphaEditEditor": ["--model.init_args.backbone", "tinyfacts", "--model.init_args.layers",
+                        "[0]", "--model.init_args.steps", "5"],
 }
 
 

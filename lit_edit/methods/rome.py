@@ -2,28 +2,19 @@
 
 from __future__ import annotations
 
-import json
-import re
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 
 from lit_edit.backbone import Backbone, find_module, find_parameter
 from lit_edit.editing import EditHandle
 from lit_edit.methods.base import EditorModule
+from lit_edit.nn.corpus_moments import CorpusMoments
 from lit_edit.nn.fact_tokens import context_prefixes, requests_of
-from lit_edit.nn.layer_stats import (
-    LayerStatsCache,
-    StatsKey,
-    input_second_moment,
-    model_fingerprint,
-    moment_without,
-    texts_fingerprint,
-)
 from lit_edit.nn.layout import matrix_layout, mlp_out_name
 from lit_edit.nn.locate import (
     apply_matrix_update,
+    check_value_settings,
     compute_keys,
     compute_values,
     rank_one_update,
@@ -110,10 +101,7 @@ class ROMEEditor(EditorModule):
         stats_dir: str | None = None,
     ) -> None:
         super().__init__(backbone)
-        if steps < 1:
-            raise ValueError(f"steps must be >= 1, got {steps}")
-        if "{}" not in kl_prompt:
-            raise ValueError(f"kl_prompt needs a '{{}}' for the subject, got {kl_prompt!r}")
+        check_value_settings("ROMEEditor", steps, kl_prompt)
         self.layer_name = mlp_out_name(self.model, layer)
         self.weight_name = f"{self.layer_name}.weight"
         # held in a plain dict: an attribute would register them a second time in state_dict
@@ -128,20 +116,15 @@ class ROMEEditor(EditorModule):
         self.kl_prompt = kl_prompt
         self.stop_below = stop_below
         self.mom2_adjustment = mom2_adjustment
-        self.mom2_corpus = mom2_corpus
-        self.mom2_max_tokens = mom2_max_tokens
-        self.mom2_max_length = mom2_max_length
-        self.mom2_batch_size = mom2_batch_size
         self.mom2_exclude_subject = mom2_exclude_subject
         self.key_mismatch = key_mismatch
-        self.stats_cache = LayerStatsCache(stats_dir)
+        self.moments = CorpusMoments(self.model, self.tokenizer, self.backbone.name, mom2_corpus,
+                                     mom2_max_tokens, mom2_max_length, mom2_batch_size, stats_dir)
         lengths = [(5, 10), (10, 10)] if prefix_lengths is None else prefix_lengths
         # from the unedited model, once (seeded): every later edit uses the same templates
         self.templates = context_prefixes(self.model, self.tokenizer,
                                           [tuple(x) for x in lengths], seed=prefix_seed,
                                           starts=prefix_starts)
-        self._corpus: list[str] | None = None
-        self._moment: tuple[torch.Tensor, int] | None = None
 
     def edit_state_keys(self) -> set[str]:
         """The edited matrix (an edit changes nothing else)."""
@@ -150,18 +133,7 @@ class ROMEEditor(EditorModule):
     # ------------------------------------------------------------------ statistics
     def corpus(self) -> list[str]:
         """The texts ``C`` is computed over (read once)."""
-        if self._corpus is None:
-            if self.mom2_corpus == "world":
-                from lit_edit.data.tinyfacts import load_tinyfacts_world
-
-                self._corpus = load_tinyfacts_world(self.backbone.name).pretraining_texts()
-            else:
-                path = Path(self.mom2_corpus)
-                lines = [x for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
-                if path.suffix == ".jsonl":
-                    lines = [json.loads(x)["text"] for x in lines]
-                self._corpus = lines
-        return self._corpus
+        return self.moments.texts()
 
     def second_moment(self) -> tuple[torch.Tensor, int]:
         """``(C, n_tokens)`` of the edited matrix's inputs over the corpus (cached on disk).
@@ -170,41 +142,13 @@ class ROMEEditor(EditorModule):
         unedited ones: every protocol's first edit starts from them); the cache key holds those
         weights' fingerprint, so other weights never share the file.
         """
-        if self._moment is None:
-            texts = self.corpus()
-            key = StatsKey(
-                model=f"{self.backbone.name}@{model_fingerprint(self.model)}",
-                layer=self.layer_name,
-                corpus=f"{self.mom2_corpus}@{texts_fingerprint(texts)}",
-                max_tokens=self.mom2_max_tokens,
-                max_length=self.mom2_max_length,
-            )
-
-            def compute() -> tuple[torch.Tensor, int]:
-                """The second moment and its token count, read from ``texts``."""
-                return input_second_moment(self.model, self.tokenizer, self.layer_name, texts,
-                                           self.mom2_max_tokens, self.mom2_max_length,
-                                           self.mom2_batch_size)
-
-            moment, n = self.stats_cache.get_with_count(key, compute)
-            self._moment = (moment.to(self.device), n)
-        return self._moment
+        return self.moments.moment(self.layer_name)
 
     def moment_for(self, subject: str) -> torch.Tensor:
         """``C`` for an edit of ``subject``: without the corpus texts naming it, if asked."""
-        moment, n = self.second_moment()
         if not self.mom2_exclude_subject:
-            return moment
-        if n >= self.mom2_max_tokens:
-            raise ValueError(
-                f"mom2_exclude_subject needs the whole corpus in C, but it was cut at "
-                f"mom2_max_tokens={self.mom2_max_tokens}: raise it or set "
-                "mom2_exclude_subject: false"
-            )
-        pattern = re.compile(rf"(?<!\w){re.escape(subject)}(?!\w)")
-        mentions = [t for t in self.corpus() if pattern.search(t)]
-        return moment_without(moment, n, self.model, self.tokenizer, self.layer_name, mentions,
-                              self.mom2_max_length, self.mom2_batch_size)
+            return self.second_moment()[0]
+        return self.moments.moment_without_subjects(self.layer_name, [subject], "ROMEEditor")
 
     # ------------------------------------------------------------------ editing
     def edit(self, records: Sequence[EditRecord]) -> EditHandle:

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -33,6 +33,23 @@ from lit_edit.nn.edit_optim import optimise
 from lit_edit.nn.fact_tokens import FactRequest, encode_rows, fill_template
 from lit_edit.nn.layout import MatrixLayout
 from lit_edit.tokenization import IGNORE_INDEX
+
+
+def check_value_settings(owner: str, steps: int, kl_prompt: str) -> None:
+    """Refuse value-optimisation settings :func:`compute_values` cannot run with.
+
+    Args:
+        owner: The editor (named in the error).
+        steps: Most Adam steps (>= 1).
+        kl_prompt: The essence prompt (needs a ``{}`` for the subject).
+
+    Raises:
+        ValueError: naming ``owner`` and the setting.
+    """
+    if steps < 1:
+        raise ValueError(f"{owner}: steps must be >= 1, got {steps}")
+    if "{}" not in kl_prompt:
+        raise ValueError(f"{owner}: kl_prompt needs a '{{}}' for the subject, got {kl_prompt!r}")
 
 
 def _output_tensor(output: Any) -> torch.Tensor:
@@ -46,6 +63,7 @@ def compute_keys(
     module: nn.Module,
     requests: Sequence[FactRequest],
     templates: Sequence[str],
+    read: Literal["input", "output"] = "input",
 ) -> torch.Tensor:
     """Mean over ``templates`` of the input of ``module`` at each request's subject-last token.
 
@@ -55,9 +73,11 @@ def compute_keys(
         module: The edited matrix's layer (its input is the key, e.g. GPT-2 ``mlp.c_proj``).
         requests: ``F`` facts (only prompt and subject are used).
         templates: ``P`` context templates with one ``{}`` (``"{}"`` for the bare prompt).
+        read: ``"input"`` (keys) or ``"output"`` (e.g. a block's hidden state, the first
+            element of an output tuple: MEMIT's residuals).
 
     Returns:
-        ``[F, d_k]`` keys (float32).
+        ``[F, d_k]`` keys (float32), or ``[F, d]`` outputs.
     """
     texts, spans = [], []
     for req in requests:
@@ -69,7 +89,8 @@ def compute_keys(
     device = next(model.parameters()).device
     rows = encode_rows(tokenizer, texts, spans).to(device)
     captured: list[torch.Tensor] = []
-    handle = module.register_forward_hook(lambda _m, args, _o: captured.append(args[0]))
+    handle = module.register_forward_hook(lambda _m, args, out: captured.append(
+        args[0] if read == "input" else _output_tensor(out)))
     try:
         model(input_ids=rows.input_ids, attention_mask=rows.attention_mask)
     finally:
