@@ -13,6 +13,7 @@ import shlex
 from pathlib import Path
 
 import pytest
+import yaml
 
 from lit_edit.cli import LitEditCLI
 
@@ -57,6 +58,14 @@ def test_config_instantiates(path: str, monkeypatch: pytest.MonkeyPatch, tmp_pat
     # tiny stand-ins for what needs a hub or a GPU
     if re.search(r"backbone:\s*\n?\s*(name:\s*)?(gpt2-xl|meta-llama|Qwen)", text):
         args += ["--model.init_args.backbone", "tinyfacts"]
+        model_args = {}
+        for f in files:  # the blocks of a real-size model do not exist in the 2-block stand-in
+            model_args.update(((yaml.safe_load((REPO / f).read_text()) or {}).get("model") or {})
+                              .get("init_args") or {})
+        if "layer" in model_args:
+            args += ["--model.init_args.layer", "-1"]
+        if "layers" in model_args:
+            args += ["--model.init_args.layers", "[0, 1]"]
         if "inner_params" in text:
             args += ["--model.init_args.inner_params", "null"]
         if "counterfactual:" in text:  # SERAC's hub-sized parts

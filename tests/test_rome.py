@@ -25,7 +25,7 @@ from lit_edit.nn.fact_tokens import (
     subject_last_positions,
 )
 from lit_edit.nn.layer_stats import input_second_moment, moment_without
-from lit_edit.nn.layout import matrix_layout
+from lit_edit.nn.layout import matrix_layout, mlp_out_name
 from lit_edit.nn.locate import (
     apply_matrix_update,
     compute_keys,
@@ -50,6 +50,15 @@ def records():
 
 PROMPTS = ["Who employs Mounaeth Reimok?", "Ana Lo was born in the city of", "Where is Ana Lo?"]
 SUBJECTS = ["Mounaeth Reimok", "Ana Lo", "Ana Lo"]
+
+
+def test_block_indices_count_from_the_end_and_out_of_range_fails(tiny) -> None:
+    model, _ = tiny  # 2 blocks
+    assert mlp_out_name(model, -1) == mlp_out_name(model, 1) == "transformer.h.1.mlp.c_proj"
+    assert mlp_out_name(model, -2) == "transformer.h.0.mlp.c_proj"
+    for layer in (2, 17, -3):  # once wrapped silently (17 -> block 1)
+        with pytest.raises(ValueError, match=f"block index {layer} is out of range .* 2 blocks"):
+            mlp_out_name(model, layer)
 
 
 @pytest.mark.parametrize("side", ["left", "right"])

@@ -147,8 +147,17 @@ def num_layers(model: nn.Module) -> int:
 
 
 def _layer_indices(model: nn.Module, layers: list[int] | None) -> list[int]:
+    """Block indices in ``[0, n)`` (negative ones count from the end; out of range: an error)."""
     n = num_layers(model)
-    return list(range(n)) if layers is None else [i % n for i in layers]
+    if layers is None:
+        return list(range(n))
+    bad = [i for i in layers if not -n <= i < n]
+    if bad:
+        raise ValueError(
+            f"block index {bad[0]} is out of range for {type(model).__name__} with {n} blocks "
+            f"(use 0..{n - 1}, or -{n}..-1 from the end)"
+        )
+    return [i % n for i in layers]
 
 
 def mlp_parameter_names(model: nn.Module, layers: list[int] | None = None) -> list[str]:
