@@ -89,6 +89,7 @@ def cached_fits(records: ArrowRecords, collate: Callable[[list[EditRecord]], Any
     selection = records.table.select(rows)  # datasets fingerprints the row selection
 
     def flags(batch: dict[str, list[Any]], positions: list[int]) -> dict[str, list[int]]:
+        """1 for each record of the batch that collates within ``max_length``, else 0."""
         out = []
         for position, raw in zip(positions, decode_rows(batch, records.json_rows), strict=True):
             record = records.build(int(rows[position]), raw)
@@ -102,6 +103,34 @@ def cached_fits(records: ArrowRecords, collate: Callable[[list[EditRecord]], Any
         new_fingerprint=fingerprint, desc="lit_edit: max_length check (tokenized once, cached)",
     )
     return np.asarray(flagged.with_format("numpy")[FITS_COLUMN]) == 1
+
+
+def fits_on_each_machine(trainer: Any, records: ArrowRecords,
+                         collate: Callable[[list[EditRecord]], Any], collator: PairCollator,
+                         key: str) -> np.ndarray:
+    """:func:`cached_fits`, computed by one process per machine.
+
+    With several processes the first of each machine tokenizes (or opens the cache) while the
+    others wait at a barrier, then open the cache file it wrote.
+
+    Args:
+        trainer: The Lightning trainer (``None``: one process).
+        records: The split.
+        collate: The method's training collation.
+        collator: Its pair collator (``max_length``).
+        key: :func:`collation_key`.
+
+    Returns:
+        One bool per record: whether it fits.
+    """
+    many = trainer is not None and trainer.world_size > 1
+    if many and trainer.local_rank == 0:
+        fits = cached_fits(records, collate, collator, key)
+        trainer.strategy.barrier("lit_edit-max-length-check")
+        return fits
+    if many:
+        trainer.strategy.barrier("lit_edit-max-length-check")
+    return cached_fits(records, collate, collator, key)
 
 
 def check_collatable_arrow(

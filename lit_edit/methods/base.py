@@ -8,13 +8,16 @@ from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
 import lightning as L
-import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 
 from lit_edit.backbone import Backbone
 from lit_edit.data.arrow import ArrowRecords
-from lit_edit.data.arrow_tokens import cached_fits, check_collatable_arrow, collation_key
+from lit_edit.data.arrow_tokens import (
+    check_collatable_arrow,
+    collation_key,
+    fits_on_each_machine,
+)
 from lit_edit.data.collate import PairCollator, check_collatable
 from lit_edit.editing import EditHandle, EditorSequences, EditSequence
 from lit_edit.evaluation import Evaluation
@@ -343,7 +346,7 @@ class EditorModule(L.LightningModule, metaclass=_EditorMeta):
                 continue
             if isinstance(given, ArrowRecords):  # tokenized once through datasets, cached
                 key = key or collation_key(self, collation[1])
-                fits = self._cached_fits(given, *collation, key)
+                fits = fits_on_each_machine(self._trainer, given, *collation, key)
                 kept = check_collatable_arrow(given, *collation, split, self.long_records, fits)
                 left = given.rows[~fits].tolist()
             else:
@@ -354,23 +357,6 @@ class EditorModule(L.LightningModule, metaclass=_EditorMeta):
                             "max_length=%d (long_records: skip); record indices %s", split,
                             len(given) - len(kept), len(given), collation[1].max_length, left)
                 records[split] = kept
-
-    def _cached_fits(self, records: ArrowRecords, collate: Any, collator: PairCollator,
-                     key: str) -> np.ndarray:
-        """:func:`~lit_edit.data.arrow_tokens.cached_fits`, computed by one process per machine.
-
-        With several processes the first of each machine tokenizes (or opens the cache) while
-        the others wait at a barrier, then open the cache file it wrote.
-        """
-        trainer = self._trainer
-        many = trainer is not None and trainer.world_size > 1
-        if many and trainer.local_rank == 0:
-            fits = cached_fits(records, collate, collator, key)
-            trainer.strategy.barrier("lit_edit-max-length-check")
-            return fits
-        if many:
-            trainer.strategy.barrier("lit_edit-max-length-check")
-        return cached_fits(records, collate, collator, key)
 
     def configure_callbacks(self) -> list[Callback]:
         """Add the evaluation of ``test`` and the random states in checkpoints.
