@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pickle
@@ -322,6 +323,11 @@ def _long_answer_file(tmp_path: Path) -> Path:
 
 def _checked(tmp_path: Path, backend: str, path: Path, **model: Any) -> EditDataModule:
     """``EditorModule.setup('fit')`` of a MEND editor on ``path`` (train and val splits)."""
+    return _checked_editor(tmp_path, backend, path, **model)[0]
+
+
+def _checked_editor(tmp_path: Path, backend: str, path: Path, **model: Any) -> tuple[Any, Any]:
+    """:func:`_checked`, and the editor."""
     from types import SimpleNamespace
 
     from lit_edit.methods import MENDEditor
@@ -329,9 +335,10 @@ def _checked(tmp_path: Path, backend: str, path: Path, **model: Any) -> EditData
     dm = module(backend, tmp_path, train_path=str(path), val_path=str(path), format="zsre")
     dm.setup("fit")
     editor = MENDEditor(backbone="tinyfacts", **{"max_length": 12, **model})
-    editor._trainer = SimpleNamespace(datamodule=dm, world_size=1)  # type: ignore[assignment]
+    trainer = SimpleNamespace(datamodule=dm, world_size=1, testing=False, predicting=False)
+    editor._trainer = trainer  # type: ignore[assignment]
     editor.setup("fit")
-    return dm
+    return dm, editor
 
 
 def test_max_length_check_is_tokenized_once_and_cached(tmp_path: Path,
@@ -342,8 +349,8 @@ def test_max_length_check_is_tokenized_once_and_cached(tmp_path: Path,
     path = _long_answer_file(tmp_path)
     by_json = _checked(tmp_path, "json", path, long_records="skip")
     calls: list[int] = []
-    fits, getitem = arrow_tokens._fits, ArrowRecords.__getitem__
-    monkeypatch.setattr(arrow_tokens, "_fits", lambda *a: calls.append(1) or fits(*a))
+    fits, getitem = arrow_tokens.check_collatable, ArrowRecords.__getitem__
+    monkeypatch.setattr(arrow_tokens, "check_collatable", lambda *a: calls.append(1) or fits(*a))
     monkeypatch.setattr(ArrowRecords, "__getitem__",
                         lambda *a: pytest.fail("the split was materialised"))
     first = _checked(tmp_path, "datasets", path, long_records="skip")
@@ -363,6 +370,43 @@ def test_max_length_check_is_tokenized_once_and_cached(tmp_path: Path,
 
     _checked(tmp_path, "datasets", path, long_records="skip", max_length=64)  # other settings
     assert len(calls) == 6 and len(list((tmp_path / "cache").rglob("cache-*.arrow"))) == 2
+
+
+def test_training_batches_read_the_cached_token_ids(tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    import lit_edit.data.collate as collate
+
+    torch.set_num_threads(1)
+    path = _long_answer_file(tmp_path)
+    dm_json, by_json = _checked_editor(tmp_path, "json", path, long_records="skip")
+    dm, editor = _checked_editor(tmp_path, "datasets", path, long_records="skip")
+    assert len(editor.token_caches) == 2  # train and val
+    batches = [list(dm.records["train"])[i : i + 2] for i in (0, 2, 4)]  # the last one: 1 record
+    expected = [by_json.on_before_batch_transfer(b, 0) for b in batches]
+    assert by_json.collator.pairs.known == {}  # the JSON backend tokenizes as before
+    counted: list[int] = []
+    encode = collate.encode_pair
+    monkeypatch.setattr(collate, "encode_pair", lambda *a: counted.append(1) or encode(*a))
+    for batch, want in zip(batches, expected, strict=True):
+        got = editor.on_before_batch_transfer(batch, 0)
+        assert editor.collator.pairs.known  # the batch's pairs, from the cache file
+        assert got.keys() == want.keys()
+        for part, value in want.items():
+            if not isinstance(value, dict):  # e.g. the records themselves
+                assert got[part] == value, part
+                continue
+            for name, tensor in value.items():
+                assert torch.equal(got[part][name], tensor), (part, name)
+    assert counted == []  # nothing tokenized: every pair's ids were read
+    # a record of another file is tokenized as usual
+    other = dm_json.records["train"][0]
+    moved = dataclasses.replace(other, source="elsewhere.json")
+    editor.on_before_batch_transfer([moved], 0)
+    assert counted and editor.collator.pairs.known == {}
+
+    # without max_length the datasets backend still tokenizes once and caches the ids
+    _, unlimited = _checked_editor(tmp_path, "datasets", path, max_length=None)
+    assert len(unlimited.token_caches) == 2 and bool(unlimited.token_caches[0].fits.all())
 
 
 def test_max_length_error_from_the_cache_is_the_json_backends(tmp_path: Path) -> None:

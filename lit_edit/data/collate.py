@@ -8,7 +8,7 @@ it is never read from, nor written to, the tokenizer.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import torch
@@ -55,6 +55,12 @@ class PairCollator:
 
     Attributes:
         truncated: Number of pairs whose prompt was truncated so far (in this process).
+        known: Encodings of pairs tokenized before (``(prompt, answer)`` → the untruncated
+            :class:`~lit_edit.tokenization.EncodedPair`), used instead of the tokenizer: the
+            ``datasets`` backend's cached token ids of the current batch
+            (:mod:`lit_edit.data.arrow_tokens`). Empty by default.
+        recorded: When a list, every encoding the tokenizer computes is appended to it as
+            ``((prompt, answer), EncodedPair)`` (how the token cache is filled). ``None``.
     """
 
     def __init__(
@@ -75,6 +81,8 @@ class PairCollator:
         # what the tokenizer puts before any text (e.g. LLaMA's BOS), registered or not
         self.leading_ids: list[int] = list(tokenizer("", add_special_tokens=True)["input_ids"])
         self.truncated = 0
+        self.known: Mapping[tuple[str, str], EncodedPair] = {}
+        self.recorded: list[tuple[tuple[str, str], EncodedPair]] | None = None
 
     def encode(self, pair: QAPair) -> EncodedPair:
         """Tokenize one pair, truncating its prompt from the left to fit ``max_length``.
@@ -83,7 +91,11 @@ class PairCollator:
             ValueError: if the answer (plus leading special tokens and one prompt token) does not
                 fit in ``max_length``.
         """
-        enc = encode_pair(self.tokenizer, pair.prompt, pair.answer)
+        enc = self.known.get((pair.prompt, pair.answer))
+        if enc is None:
+            enc = encode_pair(self.tokenizer, pair.prompt, pair.answer)
+            if self.recorded is not None:
+                self.recorded.append(((pair.prompt, pair.answer), enc))
         if self.max_length is None or len(enc.input_ids) <= self.max_length:
             return enc
         n_special = 0

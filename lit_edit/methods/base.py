@@ -14,9 +14,10 @@ from lightning.pytorch.callbacks import Callback
 from lit_edit.backbone import Backbone
 from lit_edit.data.arrow import ArrowRecords
 from lit_edit.data.arrow_tokens import (
+    TokenCache,
     check_collatable_arrow,
     collation_key,
-    fits_on_each_machine,
+    tokens_on_each_machine,
 )
 from lit_edit.data.collate import PairCollator, check_collatable
 from lit_edit.editing import EditHandle, EditorSequences, EditSequence
@@ -88,6 +89,7 @@ class EditorModule(L.LightningModule, metaclass=_EditorMeta):
         self.model.requires_grad_(False)
         self.evaluation = Evaluation()
         self._sequences = EditorSequences()
+        self.token_caches: list[TokenCache] = []  # the datasets backend's, set by fit's setup
 
     def test_shard_unit(self) -> int:
         """Consecutive test records one process evaluates together in a multi-process ``test``.
@@ -327,8 +329,9 @@ class EditorModule(L.LightningModule, metaclass=_EditorMeta):
     def setup(self, stage: str) -> None:
         """At the start of ``fit``: every training and validation record fits ``max_length``.
 
-        With the method's ``long_records: skip`` the records that do not fit are left out of
-        the data module's splits instead, and their number and indices are logged.
+        With ``long_records: skip`` the records that do not fit are left out of the splits
+        (their number and indices logged). ``datasets``-backed records are tokenized once here
+        and cached with their token ids (:mod:`~lit_edit.data.arrow_tokens`) for the batches.
 
         Raises:
             DataFileError: naming the first record with an answer longer than ``max_length``.
@@ -337,18 +340,20 @@ class EditorModule(L.LightningModule, metaclass=_EditorMeta):
         records = getattr(getattr(self._trainer, "datamodule", None), "records", None)
         if stage != "fit" or collation is None or not isinstance(records, dict):
             return
-        if collation[1].max_length is None:  # nothing can be too long
-            return
-        key = None
+        key, self.token_caches = None, []
         for split in ("train", "val"):
             given = records.get(split)
             if not given:
                 continue
             if isinstance(given, ArrowRecords):  # tokenized once through datasets, cached
                 key = key or collation_key(self, collation[1])
-                fits = fits_on_each_machine(self._trainer, given, *collation, key)
-                kept = check_collatable_arrow(given, *collation, split, self.long_records, fits)
-                left = given.rows[~fits].tolist()
+                cache = tokens_on_each_machine(self._trainer, given, *collation, key)
+                self.token_caches.append(cache)  # the token ids of its batches (known_encodings)
+                kept = check_collatable_arrow(given, *collation, split, self.long_records,
+                                              cache.fits)
+                left = given.rows[~cache.fits].tolist()
+            elif collation[1].max_length is None:  # nothing can be too long
+                continue
             else:
                 kept = check_collatable(given, *collation, split, self.long_records)
                 left = sorted(set(r.index for r in given) - set(r.index for r in kept))

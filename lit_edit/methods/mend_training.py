@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch.func import functional_call
 
+from lit_edit.data.arrow_tokens import known_encodings
 from lit_edit.data.collate import PairCollator
 from lit_edit.nn.losses import agreement, locality_kl, masked_nll, token_accuracy
 from lit_edit.records import EditRecord
@@ -45,6 +46,7 @@ class MENDTraining:
         trainer = self._trainer
         if trainer is None or trainer.testing or trainer.predicting:
             return batch
+        self.collator.pairs.known = known_encodings(self.token_caches, batch)  # datasets backend
         return self.collate(batch)
 
     def _edited_step(self, batch: dict[str, Any], parts: Sequence[str]) -> dict[str, Any]:

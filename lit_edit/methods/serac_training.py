@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lit_edit.data.arrow_tokens import known_encodings
 from lit_edit.data.collate import PairCollator
 from lit_edit.editor import apply_edit
 from lit_edit.nn.losses import masked_nll
@@ -24,6 +25,7 @@ class SERACTraining:
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Keep batches as lists of records (the losses tokenize what they need)."""
+        self.collator.known = known_encodings(self.token_caches, batch)  # datasets backend
         return batch
 
     def training_collation(self) -> tuple[Any, PairCollator]:
