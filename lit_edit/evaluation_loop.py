@@ -21,7 +21,12 @@ from lightning.pytorch.callbacks import Callback
 
 from lit_edit.editing import ParameterSnapshot
 from lit_edit.evaluation import Evaluation
-from lit_edit.evaluation_resume import ResultsFolder, row_order, run_identity
+from lit_edit.evaluation_resume import (
+    ResultsFolder,
+    ResultsFolderError,
+    row_order,
+    run_identity,
+)
 from lit_edit.evaluation_run import EvaluationRun
 from lit_edit.protocols import EditingProtocol
 from lit_edit.report import markdown_table, plot_sequential
@@ -122,7 +127,8 @@ class EvaluationLoop(Callback):
 
     In one process the folder is written as the run goes (:mod:`lit_edit.evaluation_resume`):
     each completed group's rows are appended to ``records.jsonl``, and a run killed before its
-    end is continued by the next run given the same folder.
+    end is continued by the next run given the same folder. A multi-process run writes the
+    folder at its end only, and refuses a folder holding an unfinished run.
 
     Attributes:
         run: The current (or last) evaluation run.
@@ -151,6 +157,13 @@ class EvaluationLoop(Callback):
         whole protocol groups (:func:`shard_start`; every process fails alike otherwise).
         """
         settings = self.settings(pl_module)
+        if (trainer.world_size > 1 and settings.results_dir
+                and (Path(settings.results_dir) / "resume.pt").is_file()):
+            raise ResultsFolderError(
+                f"{settings.results_dir} holds an unfinished run (resume.pt) and a run on "
+                f"{trainer.world_size} processes does not continue one: continue it with "
+                "--trainer.devices 1, or give another --evaluation.results_dir"
+            )
         settings.protocol.check(pl_module)
         start = shard_start(trainer.test_dataloaders, settings.protocol, trainer.world_size)
         snapshot = ParameterSnapshot(pl_module) if settings.verify_restore else None

@@ -269,3 +269,22 @@ def test_fewer_groups_than_devices_are_refused_clearly(tmp_path):
         "(LIT_EDIT_TRACEBACK=1 for the traceback)"
     ]
     assert "Traceback" not in out and not (tmp_path / "two").exists()
+
+
+
+def test_several_processes_refuse_a_folder_with_an_unfinished_run(tmp_path):
+    from lit_edit.evaluation_loop import EvaluationLoop
+    from lit_edit.evaluation_resume import ResultsFolderError
+
+    folder = tmp_path / "two"
+    folder.mkdir()
+    (folder / "resume.pt").write_bytes(b"")  # a killed one-process run's state
+    editor = SimpleNamespace(evaluation=Evaluation(results_dir=str(folder)))
+    with pytest.raises(ResultsFolderError) as raised:
+        EvaluationLoop().on_test_start(SimpleNamespace(world_size=2), editor)
+    assert str(raised.value) == (
+        f"{folder} holds an unfinished run (resume.pt) and a run on 2 processes does not "
+        "continue one: continue it with --trainer.devices 1, or give another "
+        "--evaluation.results_dir"
+    )
+    assert sorted(p.name for p in folder.iterdir()) == ["resume.pt"]  # nothing overwritten
