@@ -249,3 +249,38 @@ def test_a_sequential_group_holds_one_snapshot_of_the_side_memory(records) -> No
     assert len(handle) == 1
     handle.restore()
     assert before.differences(editor) == []
+
+
+def test_replaying_the_frozen_part_leaves_every_edit_bit_identical(records, monkeypatch) -> None:
+    import contextlib
+    import io
+
+    import lit_edit.methods.wise as wise_module
+
+    def edited(editor: WISEEditor) -> bytes:
+        """The side memory's whole state (copy, shards, ε's, masks, counters) after 3 edits."""
+        for r in records[:3]:
+            apply_edit(editor, [r])
+        buffer = io.BytesIO()
+        torch.save({k: v for k, v in editor.state_dict().items() if k.startswith("wise.")},
+                   buffer)
+        return buffer.getvalue()
+
+    seen: list = []
+    replay = wise_module.replay_frozen
+
+    @contextlib.contextmanager
+    def counted(*args):
+        """``replay_frozen``, its replays kept."""
+        with replay(*args) as replays:
+            yield replays
+        seen.append([r.replays for r in replays])
+
+    monkeypatch.setattr(wise_module, "replay_frozen", counted)
+    replayed = edited(make(**SMALL))
+    # block 0, block 1's attention and c_fc: replayed at the 3 later of 4 steps, every edit
+    assert seen == [[3, 3, 3]] * 3
+    monkeypatch.setattr(wise_module, "replay_frozen", lambda *a: contextlib.nullcontext())
+    plain = edited(make(**SMALL))
+    assert replayed == plain  # byte for byte
+    assert plain != edited(make(**{**SMALL, "n_iter": 3}))  # the bytes do tell edits apart

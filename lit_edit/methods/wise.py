@@ -15,6 +15,7 @@ from lit_edit.editing import CallbackHandle, CoveredEdit, EditHandle, HandleStac
 from lit_edit.methods.base import EditorModule
 from lit_edit.nn.edit_optim import optimise
 from lit_edit.nn.fact_tokens import context_prefixes
+from lit_edit.nn.frozen_prefix import replay_frozen
 from lit_edit.nn.layout import matrix_layout, mlp_out_name
 from lit_edit.nn.losses import answer_logits
 from lit_edit.nn.wise_memory import ORIGINAL, Mode, SideMemory
@@ -47,6 +48,9 @@ class WISEEditor(EditorModule):
     masked entries only, so the rest stays ``W_v`` exactly) and the copy is clamped to
     ``[W_v - c, W_v + c]``. Early stop once ``loss ≤ stop_loss`` and ``|ΔL| ≤ stop_change``.
     The edit's ``ε`` is then the mean in-scope distance of its edit rows under the final copy.
+    What lies below the value matrix (the blocks before its block, the block's attention and
+    MLP input) sees the same batch at every step: it runs once per edit and is replayed
+    (:func:`~lit_edit.nn.frozen_prefix.replay_frozen`, exact).
 
     **Routing report** (:meth:`record_values`): per record the fraction of its edit prompt,
     rephrases and locality prompts routed to a side memory (``routing/<group>/side``).
@@ -237,9 +241,10 @@ class WISEEditor(EditorModule):
 
         memory.editing = True
         try:
-            optimise([memory.side], loss, self.n_iter, self.edit_lr, optimizer="sgd",
-                     stop_below=self.stop_loss, stop_change=self.stop_change,
-                     grad_masks=[grad_mask], project=constrain)
+            with replay_frozen(self.model, self.inner_name):  # the part below: once per edit
+                optimise([memory.side], loss, self.n_iter, self.edit_lr, optimizer="sgd",
+                         stop_below=self.stop_loss, stop_change=self.stop_change,
+                         grad_masks=[grad_mask], project=constrain)
             with torch.no_grad():
                 self.model(input_ids=batch["input_ids"][:n_own], attention_mask=mask[:n_own])
                 in_scope = sequence_distance(memory.last_distance, mask[:n_own]).mean()

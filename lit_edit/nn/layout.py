@@ -102,21 +102,25 @@ class Architecture:
             gated MLPs: ``("mlp.gate_proj", "mlp.up_proj")``).
         mlp_out: The MLP's output (value) matrix inside a block, e.g. ``"mlp.c_proj"``.
         mlp: The MLP module inside a block.
+        attention: The attention module inside a block (e.g. ``"attn"``, ``"self_attn"``).
     """
 
     blocks: str
     mlp_in: tuple[str, ...]
     mlp_out: str
     mlp: str = "mlp"
+    attention: str = "attn"
 
 
 def architectures() -> dict[str, Architecture]:
     """The known architectures by ``config.model_type``."""
-    gated = Architecture("model.layers", ("mlp.gate_proj", "mlp.up_proj"), "mlp.down_proj")
+    gated = Architecture("model.layers", ("mlp.gate_proj", "mlp.up_proj"), "mlp.down_proj",
+                         attention="self_attn")
     return {
         "gpt2": Architecture("transformer.h", ("mlp.c_fc",), "mlp.c_proj"),
         "gptj": Architecture("transformer.h", ("mlp.fc_in",), "mlp.fc_out"),
-        "gpt_neox": Architecture("gpt_neox.layers", ("mlp.dense_h_to_4h",), "mlp.dense_4h_to_h"),
+        "gpt_neox": Architecture("gpt_neox.layers", ("mlp.dense_h_to_4h",), "mlp.dense_4h_to_h",
+                                 attention="attention"),
         "llama": gated,
         "mistral": gated,
         "qwen2": gated,

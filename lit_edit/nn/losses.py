@@ -26,7 +26,7 @@ def answer_logits(
     Only those positions (a few per sequence) go through the output head: the same values as
     full logits (``masked_nll`` of them equals ``cross_entropy`` of these), for a fraction of
     the head's cost. Models without a separate head, or with final logit soft-capping, are
-    run whole and their logits picked.
+    run whole and their logits picked. No key/value cache is built (``use_cache=False``).
 
     Args:
         model: A causal LM (a peft wrapper is unwrapped for the head).
@@ -42,9 +42,10 @@ def answer_logits(
     lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     head = lm.get_output_embeddings()
     if head is None or getattr(lm.config, "final_logit_softcapping", None):
-        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
         return logits[:, :-1][scored], target[scored]  # [N, V], [N]
-    hidden = lm.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    hidden = lm.base_model(input_ids=input_ids, attention_mask=attention_mask,
+                           use_cache=False).last_hidden_state
     return head(hidden[:, :-1][scored]), target[scored]  # hidden [B, L, H] -> [N, V]
 
 
