@@ -5,8 +5,10 @@ PEER.md timed EasyEdit's FT-M at 384 ms and FT-L at 333 ms per edit: layer 0 ``m
 every edit runs all 25 steps; here ``early_stop_loss`` is off so the work per edit is the
 peer's). This times ``FTEditor.edit`` + restore the way the single-edit protocol calls it, on
 the yardstick-shaped GPT-2 (``bench/yardstick.py``) and the first ZsRE records, and prints the
-ratio; then the single-edit protocol's records/s one by one against ``SingleEdit(parallel=K)``
-for FT-M and for MEND (untrained network, same work as a trained one), edit time included.
+ratio (and beside it the same edits with the frozen part below the edited matrix run at every
+step instead of once per edit, ``lit_edit.nn.frozen_prefix``); then the single-edit protocol's
+records/s one by one against ``SingleEdit(parallel=K)`` for FT-M and for MEND (untrained
+network, same work as a trained one), edit time included.
 
     python bench/ft.py [--threads 2] [--edits 50] [--parallel 32]
 """
@@ -14,6 +16,7 @@ for FT-M and for MEND (untrained network, same work as a trained one), edit time
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 from pathlib import Path
@@ -64,8 +67,11 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     from yardstick import yardstick_dir, zsre_records
 
+    import lit_edit.methods.ft as ft_module
     from lit_edit.environment import environment_line
     from lit_edit.methods import FTEditor, MENDEditor
+
+    replay = ft_module.replay_frozen
 
     print(environment_line())
     backbone = str(yardstick_dir())
@@ -81,6 +87,13 @@ def main() -> None:
         print(f"{name} edit at the peer's settings: {ms:.1f} ms per edit ({args.threads} "
               f"thread(s), best of {args.rounds}); the peer {peer_ms:.0f} ms: "
               f"{peer_ms / ms:.2f}x (target >= 2x)")
+        ft_module.replay_frozen = lambda *a: contextlib.nullcontext()  # all of it every step
+        try:
+            full = ms_per_edit(editor, records[: args.edits], args.rounds)
+        finally:
+            ft_module.replay_frozen = replay
+        print(f"  the same edits running block 0's attention and c_fc at every step: "
+              f"{full:.1f} ms (replaying them once per edit: {full / ms:.2f}x faster)")
     mend = MENDEditor(
         backbone,
         inner_params=[

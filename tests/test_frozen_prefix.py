@@ -94,3 +94,40 @@ def test_changed_inputs_training_mode_and_trained_inputs_run_for_real() -> None:
         model(**batch, use_cache=False)
     block.requires_grad_(False)
     assert replays[0].replays == 0 and replays[1].replays == 0
+
+
+def test_ft_edits_are_bit_identical_with_and_without_the_replay(monkeypatch) -> None:
+    import contextlib
+
+    import lit_edit.methods.ft as ft_module
+    from lit_edit.editor import apply_edit
+    from lit_edit.methods import FTEditor
+    from lit_edit.world import load_world, resolve_tinyfacts
+
+    torch.set_num_threads(1)
+    records = load_world(resolve_tinyfacts("tinyfacts")).edit_records(2, seed=3)
+    editor = FTEditor(inner_params=["transformer.h.1.mlp.c_proj.weight"], steps=5).eval()
+    weight = editor.inner[0]
+    before = weight.detach().clone()
+    seen: list = []
+    replay = ft_module.replay_frozen
+
+    @contextlib.contextmanager
+    def counted(*args):
+        """``replay_frozen``, its replays kept."""
+        with replay(*args) as replays:
+            yield replays
+        seen.append([r.replays for r in replays])
+
+    monkeypatch.setattr(ft_module, "replay_frozen", counted)
+    with torch.inference_mode():
+        handle = apply_edit(editor, records)
+    replayed = weight.detach().clone()
+    handle.restore()
+    assert seen == [[4, 4, 4]]  # block 0, block 1's attention and c_fc
+    monkeypatch.setattr(ft_module, "replay_frozen", lambda *a: contextlib.nullcontext())
+    with torch.inference_mode():
+        handle = apply_edit(editor, records)
+    assert torch.equal(weight, replayed) and not torch.equal(weight, before)
+    handle.restore()
+    assert torch.equal(weight, before)

@@ -12,6 +12,7 @@ from lit_edit.data.collate import PairCollator
 from lit_edit.editing import EditHandle
 from lit_edit.methods.base import EditorModule
 from lit_edit.nn.edit_optim import optimise
+from lit_edit.nn.frozen_prefix import replay_frozen
 from lit_edit.nn.layout import matrix_layout, mlp_out_name
 from lit_edit.nn.losses import masked_nll
 from lit_edit.nn.row_deltas import RowDeltas
@@ -96,15 +97,16 @@ class FTEditor(EditorModule):
         collate = PairCollator(self.tokenizer, padding_side="right")
         batch = collate([r.edit_pair for r in records])
         batch = {k: v.to(self.device) for k, v in batch.items() if torch.is_tensor(v)}
-        optimise(
-            self.inner,
-            lambda: self._loss(batch),
-            self.steps,
-            self.lr,
-            weight_decay=self.weight_decay,
-            stop_below=self.early_stop_loss,
-            linf_radius=self.norm_constraint,
-        )
+        with replay_frozen(self.model, self.inner_names):  # the part below: once per edit
+            optimise(
+                self.inner,
+                lambda: self._loss(batch),
+                self.steps,
+                self.lr,
+                weight_decay=self.weight_decay,
+                stop_below=self.early_stop_loss,
+                linf_radius=self.norm_constraint,
+            )
         return handle
 
     def parallel_edit(self, records: Sequence[EditRecord]) -> RowDeltaEdits:
@@ -137,14 +139,15 @@ class FTEditor(EditorModule):
             with rows.rows(owners):
                 return self._loss(batch, per_row=True)
 
-        optimise(
-            list(deltas.values()),
-            losses,
-            self.steps,
-            self.lr,
-            stop_below=self.early_stop_loss,
-            linf_radius=self.norm_constraint,
-        )
+        with replay_frozen(self.model, self.inner_names):
+            optimise(
+                list(deltas.values()),
+                losses,
+                self.steps,
+                self.lr,
+                stop_below=self.early_stop_loss,
+                linf_radius=self.norm_constraint,
+            )
         for d in deltas.values():
             d.requires_grad_(False)
         return RowDeltaEdits(self, rows)
@@ -158,7 +161,7 @@ class FTEditor(EditorModule):
                 instead of the batch loss.
         """
         logits = self.model(
-            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
         ).logits  # [B, L, V]
         labels = batch["labels"]  # [B, L], -100 outside the answers
         if self.objective == "masked":
