@@ -256,3 +256,35 @@ def test_the_four_block_tinyfacts_model_is_named_and_retargeted_per_world() -> N
     assert seeds.retarget({"backbone": "tinyfacts-4l"}, "tinyfacts-seed1") == {
         "backbone": "tinyfacts-4l-seed1"}
     assert seeds.retarget("tinyfacts-4l", "tinyfacts") == "tinyfacts-4l"
+
+
+@pytest.mark.parametrize("site", ["transformer.h.1.mlp.c_proj", "transformer.h.1"])
+def test_values_are_bit_identical_with_and_without_the_replay(tiny, records, site,
+                                                              monkeypatch) -> None:
+    import contextlib
+
+    import lit_edit.nn.locate as locate
+
+    model, tokenizer = tiny
+    module = model.get_submodule(site)  # ROME's site (a matrix) and MEMIT's (a block)
+    requests = requests_of(records)
+    settings = {"steps": 4, "lr": 0.5, "stop_below": 1e-9}
+    seen: list = []
+    replay = locate.replay_frozen
+
+    @contextlib.contextmanager
+    def counted(*args):
+        """``replay_frozen``, its replays kept."""
+        with replay(*args) as replays:
+            yield replays
+        seen.append([r.replays for r in replays])
+
+    monkeypatch.setattr(locate, "replay_frozen", counted)
+    replayed = compute_values(model, tokenizer, module, requests, ["{}"], **settings)
+    # the first no-grad pass, then 4 steps: block 0 (and for the matrix, its block's
+    # attention and c_fc) replayed 4 times
+    assert seen == [[4, 4, 4] if site.endswith("c_proj") else [4]]
+    monkeypatch.setattr(locate, "replay_frozen", lambda *a: contextlib.nullcontext())
+    plain = compute_values(model, tokenizer, module, requests, ["{}"], **settings)
+    assert torch.equal(replayed.delta, plain.delta) and replayed.losses == plain.losses
+    assert bool((plain.delta != 0).any())

@@ -31,6 +31,7 @@ from transformers import PreTrainedTokenizerBase
 
 from lit_edit.nn.edit_optim import optimise
 from lit_edit.nn.fact_tokens import FactRequest, encode_rows, fill_template
+from lit_edit.nn.frozen_prefix import replay_frozen
 from lit_edit.nn.layout import MatrixLayout
 from lit_edit.tokenization import IGNORE_INDEX
 
@@ -148,7 +149,9 @@ def compute_values(
     ``δ_f`` is clamped to ``‖δ_f‖ ≤ clamp_norm_factor · ‖h₀_f‖``; a fact whose loss falls below
     ``stop_below`` stops (frozen) while the others go on. Since rows never interact and Adam
     is elementwise, the result equals running each fact alone (up to float rounding of the
-    different padding). The model's weights are not changed and get no gradient.
+    different padding). The model's weights are not changed and get no gradient. What lies
+    below ``module`` runs once and is replayed at every step
+    (:func:`~lit_edit.nn.frozen_prefix.replay_frozen`, exact).
 
     Args:
         model: The causal LM (eval mode).
@@ -192,7 +195,9 @@ def compute_values(
     ]).to(device)  # [R] fact of each row
     row_idx = torch.arange(n_rows, device=device)
     kl_rows = row_idx[n_facts * n_templates:]  # [F]
-    forward = {"input_ids": rows.input_ids, "attention_mask": rows.attention_mask}
+    forward = {"input_ids": rows.input_ids, "attention_mask": rows.attention_mask,
+               "use_cache": False}
+    site = next(name for name, m in model.named_modules() if m is module)
 
     state: dict[str, torch.Tensor | None] = {"delta": None}
     captured: list[torch.Tensor] = []
@@ -213,39 +218,42 @@ def compute_values(
     for p, _ in frozen:  # only δ gets gradients
         p.requires_grad_(False)
     try:
-        with torch.no_grad():
-            logits = model(**forward).logits  # [R, L, V]
-            init_logp = logits[kl_rows, rows.positions[kl_rows]].float().log_softmax(-1)  # [F, V]
-            site = captured[0]  # [R, d]
-        h0 = site[torch.arange(n_facts, device=device) * n_templates].float()  # [F, d]
-        h0_norm = h0.norm(dim=-1)  # [F]
-        delta = torch.zeros(n_facts, h0.shape[-1], device=device, requires_grad=True)
-        state["delta"] = delta
-        labels = rows.labels[:, 1:]  # [R, L-1] aligned with logits[:, :-1]
-        mask = labels != IGNORE_INDEX
+        # what lies below the site runs once and is replayed at every step (exact)
+        with replay_frozen(model, f"{site}.weight"):
+            with torch.no_grad():
+                logits = model(**forward).logits  # [R, L, V]
+                kl_at = rows.positions[kl_rows]
+                init_logp = logits[kl_rows, kl_at].float().log_softmax(-1)  # [F, V]
+                at_site = captured[0]  # [R, d]
+            h0 = at_site[torch.arange(n_facts, device=device) * n_templates].float()  # [F, d]
+            h0_norm = h0.norm(dim=-1)  # [F]
+            delta = torch.zeros(n_facts, h0.shape[-1], device=device, requires_grad=True)
+            state["delta"] = delta
+            labels = rows.labels[:, 1:]  # [R, L-1] aligned with logits[:, :-1]
+            mask = labels != IGNORE_INDEX
 
-        def losses() -> torch.Tensor:
-            """The ``F`` per-fact losses at the current ``δ``."""
-            captured.clear()
-            logits = model(**forward).logits  # [R, L, V]
-            logp = logits[:, :-1].float().log_softmax(-1)  # [R, L-1, V]
-            picked = logp.gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1)  # [R, L-1]
-            per_row = -(picked * mask).sum(-1) / mask.sum(-1).clamp(min=1)  # [R]
-            nll = per_row[: n_facts * n_templates].reshape(n_facts, n_templates).mean(-1)  # [F]
-            cur_logp = logits[kl_rows, rows.positions[kl_rows]].float().log_softmax(-1)
-            kl = (cur_logp.exp() * (cur_logp - init_logp)).sum(-1)  # [F] KL(cur ‖ init)
-            decay = weight_decay * delta.norm(dim=-1) / h0_norm**2  # [F]
-            return nll + kl_factor * kl + decay
+            def losses() -> torch.Tensor:
+                """The ``F`` per-fact losses at the current ``δ``."""
+                captured.clear()
+                logits = model(**forward).logits  # [R, L, V]
+                logp = logits[:, :-1].float().log_softmax(-1)  # [R, L-1, V]
+                picked = logp.gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1)  # [R, L-1]
+                per_row = -(picked * mask).sum(-1) / mask.sum(-1).clamp(min=1)  # [R]
+                nll = per_row[: n_facts * n_templates].reshape(n_facts, n_templates).mean(-1)  # [F]
+                cur_logp = logits[kl_rows, rows.positions[kl_rows]].float().log_softmax(-1)
+                kl = (cur_logp.exp() * (cur_logp - init_logp)).sum(-1)  # [F] KL(cur ‖ init)
+                decay = weight_decay * delta.norm(dim=-1) / h0_norm**2  # [F]
+                return nll + kl_factor * kl + decay
 
-        def clamp() -> None:
-            """Project every ``δ_f`` onto its ball ``‖δ_f‖ ≤ clamp_norm_factor · ‖h₀_f‖``."""
-            limit = clamp_norm_factor * h0_norm  # [F]
-            norm = delta.norm(dim=-1)  # [F]
-            scale = torch.where(norm > limit, limit / norm.clamp(min=1e-12),
-                                torch.ones_like(norm))
-            delta.mul_(scale[:, None])
+            def clamp() -> None:
+                """Project every ``δ_f`` onto its ball ``‖δ_f‖ ≤ clamp_norm_factor · ‖h₀_f‖``."""
+                limit = clamp_norm_factor * h0_norm  # [F]
+                norm = delta.norm(dim=-1)  # [F]
+                scale = torch.where(norm > limit, limit / norm.clamp(min=1e-12),
+                                    torch.ones_like(norm))
+                delta.mul_(scale[:, None])
 
-        history = optimise([delta], losses, steps, lr, stop_below=stop_below, project=clamp)
+            history = optimise([delta], losses, steps, lr, stop_below=stop_below, project=clamp)
     finally:
         handle.remove()
         for p, flag in frozen:
