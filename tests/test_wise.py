@@ -284,3 +284,21 @@ def test_replaying_the_frozen_part_leaves_every_edit_bit_identical(records, monk
     plain = edited(make(**SMALL))
     assert replayed == plain  # byte for byte
     assert plain != edited(make(**{**SMALL, "n_iter": 3}))  # the bytes do tell edits apart
+
+
+def test_template_negatives_swap_the_subject_for_made_up_names(records) -> None:
+    import dataclasses
+
+    editor = make(template_negatives=3)
+    record = records[0]
+    head, _, tail = record.prompt.partition(record.subject)
+    rows = editor._template_negatives(record)
+    assert len(rows) == 3 and len({r.prompt for r in rows}) == 3
+    for row in rows:
+        assert row.prompt.startswith(head) and row.prompt.endswith(tail)
+        middle = row.prompt[len(head): len(row.prompt) - len(tail)]
+        assert middle != record.subject and len(middle.split()) == 2
+    assert editor._template_negatives(record) == rows  # seeded by the edit counter
+    assert make()._template_negatives(record) == []
+    with pytest.raises(ValueError, match="no subject in its prompt"):
+        editor._template_negatives(dataclasses.replace(record, subject=None))

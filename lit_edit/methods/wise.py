@@ -95,6 +95,10 @@ class WISEEditor(EditorModule):
         n_irrelevant: Out-of-scope rows per edit drawn from the world (the paper: 1; an
             extension: more rows teach the router a broader out-of-scope set). A record's
             ``meta["loc_prompt"]`` gives one row.
+        template_negatives: Extra out-of-scope rows per edit: the edit prompt with its subject
+            replaced by a made-up name (seeded syllables, never a real subject), so that the
+            router learns that the prompt's template alone is not the edit (an extension, not
+            in the paper; 0: none). Needs records with a ``subject``.
         replay: Earlier edits of the current shard whose bare prompt rows join each step's
             batch as edit rows (an extension, not in the paper: 0 is WISE; ``k > 0`` draws up
             to ``k`` of them per edit, seeded by the edit counter, so that a new edit is
@@ -131,6 +135,7 @@ class WISEEditor(EditorModule):
         prefix_seed: int = 0,
         irrelevant: Irrelevant = "auto",
         n_irrelevant: int = 1,
+        template_negatives: int = 0,
         replay: int = 0,
         seed: int = 0,
         max_length: int | None = None,
@@ -164,6 +169,9 @@ class WISEEditor(EditorModule):
             raise ValueError(f"n_irrelevant must be >= 1, got {n_irrelevant}")
         self.irrelevant = irrelevant
         self.n_irrelevant = n_irrelevant
+        if template_negatives < 0:
+            raise ValueError(f"template_negatives must be >= 0, got {template_negatives}")
+        self.template_negatives = template_negatives
         if replay < 0:
             raise ValueError(f"replay must be >= 0, got {replay}")
         self.replay = replay
@@ -212,7 +220,8 @@ class WISEEditor(EditorModule):
         n_own = len(pairs)
         pairs += self._replayed()
         n_edit = len(pairs)
-        batch = self.collator([*pairs, *self._out_of_scope(record)])
+        out_of_scope = [*self._out_of_scope(record), *self._template_negatives(record)]
+        batch = self.collator([*pairs, *out_of_scope])
         batch = {k: v.to(self.device) for k, v in batch.items() if torch.is_tensor(v)}
         labels = batch["labels"].clone()
         labels[n_edit:] = IGNORE_INDEX  # the out-of-scope row only enters the margin loss
@@ -289,6 +298,24 @@ class WISEEditor(EditorModule):
                 if len(out) == self.n_irrelevant:
                     break
         return out or [pair]
+
+    def _template_negatives(self, record: EditRecord) -> list[QAPair]:
+        """The edit prompt about made-up subjects (see ``template_negatives``), seeded."""
+        if not self.template_negatives:
+            return []
+        if not record.subject or record.subject not in record.prompt:
+            raise ValueError(f"record {record.index} ({record.prompt!r}) has no subject in its "
+                             "prompt for WISE's template_negatives: use template_negatives: 0")
+        rng = random.Random(self.seed * 1_000_003 + 104_729 * self.wise.edits + 3)
+
+        def name() -> str:
+            """Two capitalised words of 2-3 consonant-vowel syllables."""
+            return " ".join("".join(rng.choice("bdfgklmnprstvz") + rng.choice("aeiou")
+                                    for _ in range(rng.randint(2, 3))).capitalize()
+                            for _ in range(2))
+
+        return [QAPair(record.prompt.replace(record.subject, name()), record.target_new)
+                for _ in range(self.template_negatives)]
 
     def _world_pool(self) -> list[QAPair]:
         """The TinyFacts backbone's pretraining pairs (irrelevant training sentences)."""
