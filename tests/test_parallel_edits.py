@@ -78,6 +78,25 @@ def test_row_deltas_give_each_row_its_own_matrix() -> None:
     assert not layer._forward_hooks  # the hooks are removed
 
 
+def test_row_deltas_with_a_subset_of_the_edits_on_a_conv1d() -> None:
+    """Rows of only some edits, repeated and out of order, through GPT-2's Conv1D layout."""
+    from transformers.pytorch_utils import Conv1D
+
+    from lit_edit.nn.layout import matrix_layout
+
+    torch.manual_seed(1)
+    layer = Conv1D(3, 4)  # weight [d_in 4, d_out 3]
+    deltas = torch.randn(4, 4, 3)  # 4 edits
+    rows = RowDeltas({"l": (layer, matrix_layout("l.weight", layer))}, {"l": deltas})
+    owners = [3, 1, 3, 3]  # edits 0 and 2 absent; edit 3 owns three rows
+    x = torch.randn(4, 2, 4)
+    with torch.no_grad(), rows.rows(owners):
+        y = layer(x)
+    for b, k in enumerate(owners):
+        expected = x[b] @ (layer.weight + deltas[k]) + layer.bias
+        torch.testing.assert_close(y[b], expected)
+
+
 def test_editors_without_parallel_edits_are_refused() -> None:
     class Plain:
         max_edits_per_call = None

@@ -3,21 +3,53 @@
 ``K`` independent single edits of the same matrices (FT's fine-tuned copies, MEND's updates) can
 be evaluated in one forward: row ``b`` of a batch, owned by edit ``k_b``, computes each edited
 layer as ``y_b = (W + D[k_b]) x_b = W x_b + D[k_b] x_b``. The shared ``W x`` is the layer's own
-forward; :class:`RowDeltas` adds ``D[k_b] x_b`` with a forward hook. Everything else of the
-model is shared. The result equals the one-by-one edited model's up to float rounding (``W x +
-D x`` instead of ``(W + D) x``).
+forward; :class:`RowDeltas` adds ``D[k_b] x_b`` with a forward hook, as one batched product per
+edit over that edit's rows (the rows are grouped, never the ``[B, *W.shape]`` updates gathered
+per row). Everything else of the model is shared. The result equals the one-by-one edited
+model's up to float rounding (``W x + D x`` instead of ``(W + D) x``).
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
 from lit_edit.nn.layout import MatrixLayout
+
+
+@dataclass(frozen=True)
+class _Groups:
+    """The rows of a batch grouped by their edit: row ``b`` sits at ``(group[b], slot[b])``.
+
+    Attributes:
+        edits: ``[G]`` the distinct edits of the batch, ascending.
+        group: ``[B]`` the index in ``edits`` of each row's edit.
+        slot: ``[B]`` each row's place among the rows of its edit.
+        width: The most rows of one edit (``c``).
+        all_edits: Whether ``edits`` is every edit ``0 … K-1``.
+    """
+
+    edits: torch.Tensor
+    group: torch.Tensor
+    slot: torch.Tensor
+    width: int
+    all_edits: bool
+
+    @staticmethod
+    def of(owners: torch.Tensor, n_edits: int) -> _Groups:
+        """Group ``owners`` (``[B]`` edit indices) of ``n_edits`` edits."""
+        edits, group, counts = torch.unique(owners, return_inverse=True, return_counts=True)
+        order = torch.argsort(group, stable=True)  # rows sorted by group
+        starts = torch.cumsum(counts, 0) - counts  # [G] first sorted position of each group
+        slot = torch.empty_like(group)
+        slot[order] = torch.arange(group.shape[0]) - starts[group[order]]
+        width = int(counts.max()) if counts.numel() else 0
+        return _Groups(edits, group, slot, width, edits.shape[0] == n_edits)
 
 
 class RowDeltas:
@@ -43,23 +75,29 @@ class RowDeltas:
         self.deltas = dict(deltas)
         self.n_edits = sizes.pop()
 
-    def _hook(self, name: str, owners: torch.Tensor) -> Any:
+    def _hook(self, name: str, groups: _Groups) -> Any:
         layout = self.layers[name][1]
         deltas = self.deltas[name]
+        # the updates of the edits present in the batch (the stack itself when all are)
+        d = deltas if groups.all_edits else deltas[groups.edits.to(deltas.device)]
 
         def hook(module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
-            """Add each row's own update: ``D[k_b] x_b``."""
+            """Add each row's own update ``D[k_b] x_b``: one batched product per edit."""
             x = args[0]  # [B, L, d_in]
-            if x.shape[0] != owners.shape[0]:
+            if x.shape[0] != groups.group.shape[0]:
                 raise RuntimeError(
                     f"layer {name!r} ran on {x.shape[0]} rows; the batch has "
-                    f"{owners.shape[0]} owners"
+                    f"{groups.group.shape[0]} owners"
                 )
-            d = deltas[owners.to(deltas.device)].to(x.dtype)  # [B, *weight shape]
-            if layout.transposed:  # nn.Linear: d [B, d_out, d_in]
-                extra = torch.einsum("bli,boi->blo", x, d)  # [B, L, d_out]
-            else:  # Conv1D: d [B, d_in, d_out]
-                extra = torch.einsum("bli,bio->blo", x, d)  # [B, L, d_out]
+            b, length, d_in = x.shape
+            g, c = groups.edits.shape[0], groups.width
+            grouped = x.new_zeros(g, c, length, d_in)  # row b at (its edit's group, its slot)
+            grouped[groups.group, groups.slot] = x
+            w = d.to(x.dtype)  # [G, *weight shape]
+            if layout.transposed:  # nn.Linear: w [G, d_out, d_in]
+                w = w.transpose(1, 2)
+            extra = torch.bmm(grouped.view(g, c * length, d_in), w)  # [G, c·L, d_out]
+            extra = extra.view(g, c, length, -1)[groups.group, groups.slot]  # [B, L, d_out]
             return output + extra
 
         return hook
@@ -74,8 +112,9 @@ class RowDeltas:
         index = torch.as_tensor(list(owners), dtype=torch.long)
         if index.numel() and (int(index.min()) < 0 or int(index.max()) >= self.n_edits):
             raise ValueError(f"owners must be in [0, {self.n_edits}), got {sorted(set(owners))}")
+        groups = _Groups.of(index, self.n_edits)
         handles = [
-            module.register_forward_hook(self._hook(name, index))
+            module.register_forward_hook(self._hook(name, groups))
             for name, (module, _) in self.layers.items()
         ]
         try:
