@@ -108,3 +108,61 @@ def test_fingerprints_follow_the_weights(lm) -> None:
         model.transformer.h[0].mlp.c_fc.weight[0, 0] += 1e-6
     assert model_fingerprint(model) != before
     assert texts_fingerprint(["ab", "c"]) != texts_fingerprint(["a", "bc"])
+
+
+def test_corpus_files_are_read_in_full_with_located_errors(tmp_path: Path) -> None:
+    """.txt, .jsonl and .parquet corpora give the same documents; bad ones name file and line."""
+    import datasets
+
+    from lit_edit.nn.corpus_moments import read_corpus
+    from lit_edit.records import DataFileError
+
+    docs = ["The first document.", "A second one, longer than the first.", "Third."]
+    txt = tmp_path / "c.txt"
+    txt.write_text("\n".join([docs[0], "", docs[1], docs[2]]) + "\n", encoding="utf-8")
+    jsonl = tmp_path / "c.jsonl"
+    jsonl.write_text("".join(f'{{"text": "{d}", "id": {i}}}\n' for i, d in enumerate(docs)))
+    parquet = tmp_path / "c.parquet"
+    datasets.Dataset.from_dict({"text": docs, "id": [0, 1, 2]}).to_parquet(str(parquet))
+    for path in (txt, jsonl, parquet):
+        assert read_corpus(str(path), "unused") == docs
+    assert read_corpus(str(jsonl), "unused", column="text") == docs
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{"body": "no text key"}\n')
+    with pytest.raises(DataFileError, match=r"bad\.jsonl: line 2 is not a JSON object with a"):
+        read_corpus(str(bad), "unused")
+    with pytest.raises(DataFileError, match=r"missing\.txt: no such corpus file"):
+        read_corpus(str(tmp_path / "missing.txt"), "unused")
+    with pytest.raises(DataFileError, match=r"has no column 'body' \(columns: text, id\)"):
+        read_corpus(str(parquet), "unused", column="body")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n")
+    with pytest.raises(DataFileError, match="holds no text"):
+        read_corpus(str(empty), "unused")
+    with pytest.raises(DataFileError, match="expected hf://ORG/NAME:SPLIT"):
+        read_corpus("hf://wikipedia", "unused")
+
+
+def test_a_hub_corpus_offline_fails_in_one_line(monkeypatch) -> None:
+    """No hub here: the error names the corpus and says why, instead of a traceback."""
+    from lit_edit.nn.corpus_moments import read_corpus
+    from lit_edit.records import DataFileError
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(DataFileError, match=r"hf://wikimedia/wikipedia:20231101\.en:train\[:10\]: "
+                       "cannot load with `datasets`"):
+        read_corpus("hf://wikimedia/wikipedia:20231101.en:train[:10]", "unused")
+
+
+def test_the_forward_stops_at_the_layer(lm) -> None:
+    """The blocks above the measured layer are not run (and the moment is unchanged)."""
+    model, tokenizer = lm
+    calls: list[int] = []
+    top = model.transformer.h[-1]
+    handle = top.register_forward_pre_hook(lambda *_: calls.append(1))
+    try:
+        input_second_moment(model, tokenizer, "transformer.h.0.mlp.c_proj", ["a b c", "b c"], 100)
+    finally:
+        handle.remove()
+    assert calls == []

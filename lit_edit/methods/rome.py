@@ -63,9 +63,10 @@ class ROMEEditor(EditorModule):
         prefix_seed: Seed of the prefix sampling.
         prefix_starts: Start texts of the generations (cycled); default: the BOS token alone.
         mom2_adjustment: Weigh the update by ``C⁻¹`` (``False``: ``u = k*``, EasyEdit's default).
-        mom2_corpus: ``"world"`` (the pretraining text of the TinyFacts backbone's world) or a
-            path to a ``.txt`` (one document per line) or ``.jsonl`` (``{"text": ...}`` per
-            line) file.
+        mom2_corpus: ``"world"`` (the pretraining text of the TinyFacts backbone's world), a
+            ``.txt`` (one document per line), ``.jsonl`` (``{"text": ...}`` per line) or
+            ``.parquet`` file, or a hub dataset ``hf://ORG/NAME[:CONFIG]:SPLIT`` (split slices
+            such as ``train[:100000]`` allowed; read by ``datasets``, its ``text`` column).
         mom2_max_tokens: Token budget of ``C``.
         mom2_max_length: Each document is truncated to this many tokens.
         mom2_batch_size: Documents per forward pass when computing ``C``.

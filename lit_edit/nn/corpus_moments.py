@@ -28,29 +28,97 @@ from lit_edit.nn.layer_stats import (
     moment_without,
     texts_fingerprint,
 )
+from lit_edit.records import DataFileError
+
+_HUB = "hf://"  # a hub dataset, as for the data files (lit_edit.data.arrow)
 
 
-def read_corpus(corpus: str, model_name: str) -> list[str]:
+def read_corpus(corpus: str, model_name: str, column: str = "text") -> list[str]:
     """The texts of a statistics corpus.
 
     Args:
-        corpus: ``"world"`` (the pretraining text of the TinyFacts world of ``model_name``) or
-            a path to a ``.txt`` (one document per line) or ``.jsonl`` (``{"text": ...}`` per
-            line) file.
+        corpus: ``"world"`` (the pretraining text of the TinyFacts world of ``model_name``); a
+            ``.txt`` (one document per line), ``.jsonl`` (one JSON object per line with the
+            text under ``column``) or ``.parquet`` file; or a Hugging Face dataset,
+            ``hf://ORG/NAME:SPLIT`` or ``hf://ORG/NAME:CONFIG:SPLIT``, where ``SPLIT`` may
+            take ``datasets``' slice syntax (``hf://wikimedia/wikipedia:20231101.en:train[:100000]``).
+            Files of other kinds ``datasets`` reads (``.csv``, ``.arrow``) go through it too.
         model_name: The backbone's name (for ``"world"``).
+        column: The text column of a ``.jsonl`` file, a table or a hub dataset.
 
     Returns:
-        The documents, in order.
+        The documents (empty ones left out), in order.
+
+    Raises:
+        DataFileError: naming the corpus (and the line) for a missing file, a line that is
+            not a JSON object with a string ``column``, a table without ``column``, a hub
+            dataset that cannot be loaded (e.g. offline), or a corpus with no text.
     """
     if corpus == "world":
         from lit_edit.data.tinyfacts import load_tinyfacts_world
 
         return load_tinyfacts_world(model_name).pretraining_texts()
-    path = Path(corpus)
-    lines = [x for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
-    if path.suffix == ".jsonl":
-        lines = [json.loads(x)["text"] for x in lines]
-    return lines
+    if corpus.startswith(_HUB):
+        texts = _dataset_texts(corpus, column)
+    else:
+        path = Path(corpus)
+        if not path.is_file():
+            raise DataFileError(corpus, "no such corpus file (mom2_corpus)")
+        suffix = path.suffix.lower()
+        if suffix == ".txt":
+            texts = path.read_text(encoding="utf-8").splitlines()
+        elif suffix == ".jsonl":
+            texts = []
+            for i, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
+                if not line.strip():
+                    continue
+                try:
+                    text = json.loads(line)[column]
+                except (json.JSONDecodeError, KeyError, TypeError) as e:
+                    raise DataFileError(corpus, f"line {i + 1} is not a JSON object with a "
+                                        f"{column!r} text ({type(e).__name__})") from e
+                if not isinstance(text, str):
+                    raise DataFileError(corpus, f"line {i + 1}: {column!r} is a "
+                                        f"{type(text).__name__}, not a text")
+                texts.append(text)
+        else:
+            texts = _dataset_texts(corpus, column)
+    texts = [t for t in texts if t.strip()]
+    if not texts:
+        raise DataFileError(corpus, "the corpus holds no text")
+    return texts
+
+
+def _dataset_texts(corpus: str, column: str) -> list[str]:
+    """The ``column`` of a hub dataset (``hf://…``) or a local table, read by ``datasets``."""
+    import datasets
+
+    try:
+        if corpus.startswith(_HUB):
+            found = re.fullmatch(r"([^:\[]+)(?::([^:\[]+))?:([^:\[]+(?:\[[^\]]*\])?)",
+                                 corpus[len(_HUB):])  # NAME[:CONFIG]:SPLIT[slice]
+            if found is None:
+                raise DataFileError(corpus, f"expected {_HUB}ORG/NAME:SPLIT or "
+                                    f"{_HUB}ORG/NAME:CONFIG:SPLIT")
+            name, config, split = found.groups()
+            table = datasets.load_dataset(name, config, split=split)
+        else:
+            kind = {".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}.get(
+                Path(corpus).suffix.lower())
+            if kind is None:
+                raise DataFileError(corpus, "a corpus file is .txt, .jsonl, .parquet, .csv or "
+                                    ".arrow")
+            table = datasets.load_dataset(kind, data_files=corpus, split="train")
+    except DataFileError:
+        raise
+    except Exception as e:
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise DataFileError(corpus, f"cannot load with `datasets`: {type(e).__name__}: "
+                            f"{first}") from e
+    if column not in table.column_names:
+        raise DataFileError(corpus, f"has no column {column!r} (columns: "
+                            f"{', '.join(table.column_names)})")
+    return [t for t in table[column] if isinstance(t, str)]
 
 
 class CorpusMoments:
@@ -61,7 +129,8 @@ class CorpusMoments:
             measured).
         tokenizer: Its tokenizer.
         model_name: The backbone's name (part of the cache key, and the TinyFacts world).
-        corpus: ``"world"`` or a ``.txt`` / ``.jsonl`` path (:func:`read_corpus`).
+        corpus: ``"world"``, a ``.txt`` / ``.jsonl`` / ``.parquet`` file or a hub dataset
+            ``hf://ORG/NAME[:CONFIG]:SPLIT`` (:func:`read_corpus`).
         max_tokens: Token budget of each ``C``.
         max_length: Each document is truncated to this many tokens.
         batch_size: Documents per forward pass.

@@ -16,10 +16,12 @@ import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 
@@ -73,6 +75,10 @@ def texts_fingerprint(texts: Iterable[str]) -> str:
     return h.hexdigest()[:16]
 
 
+class _Captured(Exception):
+    """Raised by the capture hook once the layer's input is read: ends the forward early."""
+
+
 @torch.no_grad()
 def input_second_moment(
     model: nn.Module,
@@ -86,7 +92,8 @@ def input_second_moment(
     """``E[k kᵀ]`` of the inputs ``k`` of module ``layer`` over the non-padding tokens of ``texts``.
 
     Accumulated in float64, in text order, stopping once ``max_tokens`` tokens were counted
-    (the last batch is cut to exactly that many).
+    (the last batch is cut to exactly that many). Each forward stops at ``layer`` (the blocks
+    above it are not run) and builds no graph; a progress bar counts the tokens on a terminal.
 
     Args:
         model: A causal LM (left in the mode it was in; run in ``eval`` mode for statistics).
@@ -111,30 +118,42 @@ def input_second_moment(
     if tokenizer.pad_token_id is None:
         raise ValueError("the tokenizer needs a pad token to batch the corpus")
     captured: list[torch.Tensor] = []
-    handle = modules[layer].register_forward_hook(
-        lambda _m, args, _out: captured.append(args[0].detach())
-    )
+
+    def capture(_m: nn.Module, args: tuple[Any, ...]) -> None:
+        """Keep the layer's input and stop the forward there (nothing above it is needed)."""
+        captured.append(args[0].detach())
+        raise _Captured
+
+    handle = modules[layer].register_forward_pre_hook(capture)
     device = next(model.parameters()).device
     total: torch.Tensor | None = None
     n = 0
+    bar = tqdm(total=max_tokens, unit="tok", desc=f"second moment of {layer}", leave=False,
+               disable=None)  # shown on a terminal only
     try:
-        for start in range(0, len(texts), batch_size):
-            batch = tokenizer(list(texts[start:start + batch_size]), return_tensors="pt",
-                              padding=True, truncation=True, max_length=max_length,
-                              padding_side="right")  # causal: real tokens never see the pads
-            captured.clear()
-            model(input_ids=batch["input_ids"].to(device),
-                  attention_mask=batch["attention_mask"].to(device))
-            keys = captured[0].reshape(-1, captured[0].shape[-1])  # (batch·seq, d)
-            keys = keys[batch["attention_mask"].reshape(-1).bool().to(device)]  # (tokens, d)
-            keys = keys[: max_tokens - n].double()
-            part = keys.T @ keys  # (d, d)
-            total = part if total is None else total + part
-            n += keys.shape[0]
-            if n >= max_tokens:
-                break
+        with torch.no_grad():
+            for start in range(0, len(texts), batch_size):
+                batch = tokenizer(list(texts[start:start + batch_size]), return_tensors="pt",
+                                  padding=True, truncation=True, max_length=max_length,
+                                  padding_side="right")  # causal: real tokens never see the pads
+                captured.clear()
+                try:
+                    model(input_ids=batch["input_ids"].to(device),
+                          attention_mask=batch["attention_mask"].to(device))
+                except _Captured:
+                    pass
+                keys = captured[0].reshape(-1, captured[0].shape[-1])  # (batch·seq, d)
+                keys = keys[batch["attention_mask"].reshape(-1).bool().to(device)]  # (tokens, d)
+                keys = keys[: max_tokens - n].double()
+                part = keys.T @ keys  # (d, d)
+                total = part if total is None else total + part
+                n += keys.shape[0]
+                bar.update(keys.shape[0])
+                if n >= max_tokens:
+                    break
     finally:
         handle.remove()
+        bar.close()
     if total is None or n == 0:
         raise ValueError(f"the corpus gave no tokens for {layer!r}")
     return (total / n).float(), n
