@@ -7,8 +7,9 @@ peer's). This times ``FTEditor.edit`` + restore the way the single-edit protocol
 the yardstick-shaped GPT-2 (``bench/yardstick.py``) and the first ZsRE records, and prints the
 ratio (and beside it the same edits with the frozen part below the edited matrix run at every
 step instead of once per edit, ``lit_edit.nn.frozen_prefix``); then the single-edit protocol's
-records/s one by one against ``SingleEdit(parallel=K)`` for FT-M and for MEND (untrained
-network, same work as a trained one), edit time included.
+records/s one by one against ``SingleEdit(parallel=K)`` for FT-M, MEND (untrained
+network, same work as a trained one), IKE and LTE (untrained, hashing retriever, no scope
+head: the same prompts and forwards as a trained one), edit time included.
 
     python bench/ft.py [--threads 2] [--edits 50] [--parallel 32]
 """
@@ -47,7 +48,7 @@ def protocol_rate(editor, records, parallel: int) -> float:
     from lit_edit.evaluation import Evaluation, RecordEvaluator
     from lit_edit.protocols import SingleEdit
 
-    settings = Evaluation(exact_match=False, fluency=False)
+    settings = Evaluation(exact_match=False, fluency=False, max_length=128)  # LTE: long prompts
     editor.evaluation = settings
     protocol = SingleEdit(chunk_size=len(records), parallel=parallel)
     with torch.inference_mode():
@@ -69,7 +70,7 @@ def main() -> None:
 
     import lit_edit.methods.ft as ft_module
     from lit_edit.environment import environment_line
-    from lit_edit.methods import FTEditor, MENDEditor
+    from lit_edit.methods import FTEditor, IKEEditor, LTEEditor, MENDEditor
 
     replay = ft_module.replay_frozen
 
@@ -101,13 +102,16 @@ def main() -> None:
         ],
         rank=256, max_length=40,
     )
+    ike = IKEEditor(backbone)
+    lte = LTEEditor(backbone, retriever="hashing", template="question")  # untrained, no scope
     sample = records[: args.parallel * 4]
-    for name, editor in (("FT-M", editors["FT-M"]), ("MEND", mend)):
+    for name, editor in (("FT-M", editors["FT-M"]), ("MEND", mend), ("IKE", ike),
+                         ("LTE", lte)):
         one = protocol_rate(editor, sample, 1)
         par = protocol_rate(editor, sample, args.parallel)
         print(f"{name} single-edit protocol, {len(sample)} records: one by one {one:.1f} "
               f"records/s, parallel={args.parallel} {par:.1f} records/s: {par / one:.1f}x "
-              "(target >= 10x)")
+              f"(target >= 10x{' for MEND and FT' if name in ('FT-M', 'MEND') else ''})")
 
 
 if __name__ == "__main__":

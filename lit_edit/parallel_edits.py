@@ -89,6 +89,8 @@ class PromptEdits(_View):
         contextualise: ``(prompts, owners) -> prompts`` with edit ``owners[i]`` in prompt ``i``.
         sample_in_context: Put the edit in fluency prompts too (IKE and LTE sample from the
             bare prompt, as KnowEdit measures fluency: ``False``).
+        values: ``records -> values``: each record's method values (``record_values``) under
+            its own edit only; ``None``: none.
     """
 
     def __init__(
@@ -96,11 +98,17 @@ class PromptEdits(_View):
         editor: Any,
         contextualise: Callable[[Sequence[str], Sequence[int]], list[str]],
         sample_in_context: bool = False,
+        values: Callable[[Sequence[EditRecord]], list[dict[str, float | None]]] | None = None,
     ) -> None:
         super().__init__()
         self.editor = editor
         self.contextualise = contextualise
         self.sample_in_context = sample_in_context
+        self._values = values
+
+    def record_values(self, records: Sequence[EditRecord]) -> list[dict[str, float | None]]:
+        """Each record's method values under its own edit (none without ``values``)."""
+        return super().record_values(records) if self._values is None else self._values(records)
 
     def _pairs(self, pairs: Sequence[QAPair], owners: Sequence[int]) -> list[QAPair]:
         prompts = self.contextualise([p.prompt for p in pairs], owners)

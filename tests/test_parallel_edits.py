@@ -14,7 +14,7 @@ from test_editor_contract import build
 
 from lit_edit.editing import ParameterSnapshot
 from lit_edit.evaluation import Evaluation, RecordEvaluator
-from lit_edit.methods import FTEditor, IKEEditor, MENDEditor, NoEdit
+from lit_edit.methods import FTEditor, IKEEditor, LTEEditor, MENDEditor, NoEdit
 from lit_edit.nn.row_deltas import RowDeltas
 from lit_edit.protocols import SingleEdit
 from lit_edit.world import load_world, resolve_tinyfacts
@@ -31,7 +31,8 @@ def _run(editor, records, parallel):
         return SingleEdit(parallel=parallel).run(editor, records, evaluator, group=0)
 
 
-@pytest.mark.parametrize("cls", [FTEditor, MENDEditor, IKEEditor, NoEdit], ids=lambda c: c.__name__)
+@pytest.mark.parametrize("cls", [FTEditor, MENDEditor, IKEEditor, LTEEditor, NoEdit],
+                         ids=lambda c: c.__name__)
 def test_parallel_equals_one_by_one(cls, records) -> None:
     editor = build(cls)
     if isinstance(editor, FTEditor):

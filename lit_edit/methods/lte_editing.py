@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 from lit_edit.editing import CallbackHandle, EditHandle
 from lit_edit.nn.lte_templates import edit_prompt
 from lit_edit.nn.retrieval import Retriever, load_encoder
+from lit_edit.parallel_edits import PromptEdits
 from lit_edit.records import EditRecord
+
+_T = TypeVar("_T")
 
 
 class RetrievalEditing:
@@ -49,6 +53,43 @@ class RetrievalEditing:
         """
         size = self.retriever.insert([r.prompt for r in records], [r.fact for r in records])
         return CallbackHandle(lambda: self.memory.truncate(size))
+
+    def parallel_edit(self, records: Sequence[EditRecord]) -> PromptEdits:
+        """``K`` independent single edits: each question is asked with its own record's edit.
+
+        The question of record ``k`` is contextualised (retrieval, scope, template) with the
+        memory as it is plus edit ``k`` alone, exactly as the one-by-one protocol does; the
+        model's forwards then batch across records like any prompts. The memory is left as
+        it was. Each record's retrieval values are those under its own edit.
+        """
+        records = list(records)
+
+        def alone(k: int, run: Callable[[], _T]) -> _T:
+            """``run()`` with edit ``k`` inserted, then the memory back as it was."""
+            handle = self.edit([records[k]])
+            try:
+                return run()
+            finally:
+                handle.restore()
+
+        def contexts(questions: Sequence[str], owners: Sequence[int]) -> list[str]:
+            """Each question contextualised under its owner's edit only."""
+            out = list(questions)
+            by_owner: dict[int, list[int]] = {}
+            for i, k in enumerate(owners):
+                by_owner.setdefault(k, []).append(i)
+            for k, rows in by_owner.items():
+                shown = alone(k, lambda rows=rows: self.contextualise([questions[i] for i in rows]))
+                for i, text in zip(rows, shown, strict=True):
+                    out[i] = text
+            return out
+
+        def values(scored: Sequence[EditRecord]) -> list[dict[str, float | None]]:
+            """Each scored record's retrieval values under its own edit."""
+            index = {id(r): k for k, r in enumerate(records)}
+            return [alone(index[id(r)], lambda r=r: self.record_values([r])[0]) for r in scored]
+
+        return PromptEdits(self, contexts, values=values)
 
     def contextualise(self, questions: Sequence[str]) -> list[str]:
         """The prompts the model sees: retrieved facts in the template, chat-wrapped.
