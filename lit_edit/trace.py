@@ -92,7 +92,8 @@ def plot_heatmap(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(1.0 + 0.6 * values.shape[1], 1.5 + 0.45 * values.shape[0]))
+    width = max(6.0, 1.0 + 0.6 * values.shape[1])
+    fig, ax = plt.subplots(figsize=(width, 2.5 + 0.45 * values.shape[0]))
     image = ax.imshow(values.numpy(), cmap="Purples", aspect="auto")
     ax.set_xticks(range(len(columns)), [c.strip() or repr(c) for c in columns], rotation=60,
                   ha="right", fontsize=8)
@@ -208,6 +209,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{kind:5s} window {info['window']:2d}: p_clean {info['p_clean']:.3f} "
               f"p_corrupted {info['p_corrupted']:.3f}; indirect effect at the subject's last "
               f"token per layer: {effects}; pick this layer: {info['pick_layer']}")
+        n_layers = len(info["subject_last_effect"])
+        if kind != "block" and info["window"] >= n_layers:
+            print(f"note: a window of {info['window']} layers covers all {n_layers} of them: "
+                  "every layer gets the same effect (use --window 1 on a small model)")
     return 0
 
 
