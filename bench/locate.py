@@ -76,7 +76,7 @@ def bench_editors(args, records) -> None:
         warm = edit_seconds(editor, records[:1])  # builds C (or reads the cache)
         single = [edit_seconds(editor, [r]) for r in records[1:1 + args.edits]]
         line = (f"  {name:9s} layers {settings.get('layers', settings.get('layer'))}: first edit "
-                f"(with C) {warm:.2f} s; single edit {sum(single) / len(single):.2f} s")
+                f"(loads or builds C) {warm:.2f} s; single edit {sum(single) / len(single):.2f} s")
         limit = getattr(editor, "max_edits_per_call", None)
         if limit is None or limit >= args.batch:
             batch = edit_seconds(editor, records[1:1 + args.batch])
