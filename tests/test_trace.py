@@ -172,3 +172,22 @@ def test_cli_one_line_errors(tmp_path: Path, capsys) -> None:
     assert len(errors) == 1 and "subject 'Bob Ray' does not occur in prompt" in errors[0]
     assert main(["--model", "tinyfacts", "--subject", SUBJECT]) == 2
     assert capsys.readouterr().err.strip() == "error: give either --prompt and --subject, or --data"
+
+
+def test_cli_reads_a_records_file(tmp_path: Path, capsys) -> None:
+    from lit_edit.trace import main
+
+    rows = [{"src": "Where was Ana Lo born?", "alt": "Rome", "answers": ["Paris"],
+             "subject": "Ana Lo", "rephrase": "Ana Lo was born in", "loc": "x", "loc_ans": "y"},
+            {"src": "Who employs Mounaeth Reimok?", "alt": "Acme", "answers": ["Zeta"],
+             "subject": "Mounaeth Reimok", "rephrase": "Mounaeth Reimok works for",
+             "loc": "x", "loc_ans": "y"}]
+    path = tmp_path / "zsre.json"
+    path.write_text(json.dumps(rows), encoding="utf-8")
+    out = tmp_path / "file"
+    assert main(["--model", "tinyfacts", "--data", str(path), "--all-records", "--kind", "attn",
+                 "--window", "1", "--samples", "2", "--out", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["records"] == summary["of"] == 2
+    assert len(summary["kinds"]["attn"]["subject_last_effect"]) == 2
+    assert "pick this layer" in capsys.readouterr().out

@@ -289,7 +289,7 @@ def trace_prompt(
     samples: int = 10,
     seed: int = 1,
     batch_size: int = 512,
-    noise_std: float | None = None,
+    embed_std: float | None = None,
 ) -> TraceResult:
     """Causal trace of one prompt: the answer's probability with each site restored.
 
@@ -303,7 +303,7 @@ def trace_prompt(
         samples: Noise draws per site (ROME: 10); the same draws for every site.
         seed: Seed of the noise.
         batch_size: Rows (site × draw) per forward pass.
-        noise_std: The embeddings' std (default :func:`embedding_std`; pass it to reuse).
+        embed_std: The embeddings' std (default :func:`embedding_std`; pass it to reuse).
 
     Returns:
         ``p_clean``, ``p_corrupted`` and ``p_restored [L, T]``.
@@ -315,7 +315,7 @@ def trace_prompt(
     modules = site_modules(model, kind)
     clean, p_clean, embeds = clean_states(model, prompt, modules)
     device, n_tok, n_layers = embeds.device, embeds.shape[1], len(modules)
-    std = embedding_std(model) if noise_std is None else noise_std
+    std = embedding_std(model) if embed_std is None else embed_std
     noisy = corrupted_embeddings(embeds, prompt.subject, noise_factor * std, samples, seed)
 
     # site s = (l, t) = (s // T, s % T); row r = site * S + draw; one more site: none restored
