@@ -107,7 +107,20 @@ def plot_heatmap(
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    """Trace and write the outputs; returns the summary per kind."""
+    """Trace the prompt or the records and write the PNGs, JSON and ``trace.pt`` to ``args.out``.
+
+    Args:
+        args: The parsed command line (:func:`main`).
+
+    Returns:
+        The summary written to ``summary.json``: per kind, the window, the mean ``p_clean`` and
+        ``p_corrupted``, the mean indirect effect per layer at the subject's last token and
+        the layer where it is largest (``pick_layer``).
+
+    Raises:
+        ValueError: on a subject not in its prompt, a record without answer, or data of which
+            the model knows no fact.
+    """
     from lit_edit.backbone import Backbone
     from lit_edit.nn.causal_trace import (
         category_effects,
