@@ -120,6 +120,20 @@ def test_rank_one_update_writes_the_key_exactly(kind) -> None:
                                rtol=1e-5)
 
 
+def test_rank_one_update_from_a_factorised_c_equals_the_direct_solve() -> None:
+    """One LU of C for many edits gives the very values of solving C per edit."""
+    torch.manual_seed(2)
+    samples = torch.randn(40, 8)
+    moment = samples.T @ samples / 40  # C, [8, 8]
+    factor = torch.linalg.lu_factor(moment.double())
+    for _ in range(3):
+        key, direction, delta = torch.randn(8), torch.randn(8), torch.randn(5)
+        assert torch.equal(rank_one_update(key, delta, moment, factor=factor),
+                           rank_one_update(key, delta, moment))
+        assert torch.equal(rank_one_update(key, delta, moment, direction, factor=factor),
+                           rank_one_update(key, delta, moment, direction))
+
+
 def test_rank_one_update_without_c_and_with_a_direction_key() -> None:
     torch.manual_seed(1)
     key, direction, delta = torch.randn(5), torch.randn(5), torch.randn(3)
@@ -288,3 +302,27 @@ def test_values_are_bit_identical_with_and_without_the_replay(tiny, records, sit
     plain = compute_values(model, tokenizer, module, requests, ["{}"], **settings)
     assert torch.equal(replayed.delta, plain.delta) and replayed.losses == plain.losses
     assert bool((plain.delta != 0).any())
+
+
+def test_rome_with_one_c_factorises_it_once_and_edits_as_the_direct_solve(tmp_path,
+                                                                          records) -> None:
+    """Without subject exclusion every edit reuses one LU of C; the weights come out the same."""
+    editor = rome(tmp_path, mom2_exclude_subject=False)
+    weight = editor.model.transformer.h[0].mlp.c_proj.weight
+    factored = []
+    with torch.inference_mode():
+        for record in records[:2]:
+            handle = apply_edit(editor, [record])
+            factored.append(weight.detach().clone())
+            handle.restore()
+    first = editor._factor
+    assert first is not None and first[0] is editor.second_moment()[0]
+    editor.moment_factor()
+    assert editor._factor is first  # factorised once, not per edit
+    editor._factor = None
+    editor.moment_factor = lambda: None  # every edit solves C directly
+    with torch.inference_mode():
+        for record, expected in zip(records[:2], factored, strict=True):
+            handle = apply_edit(editor, [record])
+            assert torch.equal(weight.detach(), expected)
+            handle.restore()

@@ -109,6 +109,7 @@ class ROMEEditor(EditorModule):
         self._edited = {"weight": find_parameter(self.model, self.weight_name),
                         "layer": find_module(self.model, self.layer_name)}
         self.layout = matrix_layout(self.weight_name, self._edited["layer"])
+        self._factor: tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]] | None = None
         self.steps = steps
         self.lr = lr
         self.weight_decay = weight_decay
@@ -145,6 +146,13 @@ class ROMEEditor(EditorModule):
         """
         return self.moments.moment(self.layer_name)
 
+    def moment_factor(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The LU factorisation of ``C`` (float64), computed once: every edit's ``C⁻¹ k``."""
+        moment = self.second_moment()[0]
+        if self._factor is None or self._factor[0] is not moment:
+            self._factor = (moment, torch.linalg.lu_factor(moment.double()))
+        return self._factor[1]
+
     def moment_for(self, subject: str) -> torch.Tensor:
         """``C`` for an edit of ``subject``: without the corpus texts naming it, if asked."""
         if not self.mom2_exclude_subject:
@@ -177,11 +185,15 @@ class ROMEEditor(EditorModule):
             weight_decay=self.weight_decay, clamp_norm_factor=self.clamp_norm_factor,
             kl_factor=self.kl_factor, stop_below=self.stop_below,
         )
+        # one C for every edit (no subject taken out): factorised once
+        factor = self.moment_factor() if moment is not None and not self.mom2_exclude_subject \
+            else None
         if self.key_mismatch:  # original ROME: u from k*, denominator from the bare prompt
             bare = compute_keys(self.model, self.tokenizer, layer, request, ["{}"])[0]
-            update = rank_one_update(bare, values.delta[0], moment, direction_key=key)
+            update = rank_one_update(bare, values.delta[0], moment, direction_key=key,
+                                     factor=factor)
         else:
-            update = rank_one_update(key, values.delta[0], moment)  # [d_out, d_in]
+            update = rank_one_update(key, values.delta[0], moment, factor=factor)  # [d_out, d_in]
         handle = self.weights_handle([weight])
         apply_matrix_update(weight, self.layout, update)
         return handle
