@@ -251,7 +251,7 @@ class ECEEditor(EditorModule):
                 for j, matrix in enumerate(self.matrices):
                     key = f"ece/units/{matrix.name}"
                     values[key] = values.get(key, 0.0) + len(units[j]) / len(clusters)
-                self._edit_cluster(facts, units, moments, within, values)
+                self._edit_cluster(facts, units, moments, within, values, 1 / len(clusters))
                 if c + 1 < len(clusters):
                     within.push([memit_keys(self.model, self.tokenizer, m.module, facts,
                                             self.templates) for m in self.matrices])
@@ -265,8 +265,11 @@ class ECEEditor(EditorModule):
 
     def _edit_cluster(self, facts: list[FactRequest], units: list[torch.Tensor],
                       moments: list[torch.Tensor], within: EditKeys,
-                      values: dict[str, float]) -> None:
-        """One cluster: its joint target optimisation, then the restricted per-layer solves."""
+                      values: dict[str, float], share: float) -> None:
+        """One cluster: its joint target optimisation, then the restricted per-layer solves.
+
+        ``share`` weighs the cluster's logged values (``1 / clusters``: means over clusters).
+        """
         block = self._block["block"]
         targets = compute_values(self.model, self.tokenizer, block, facts, self.templates,
                                  **self.value_settings).targets  # [n_c, d]
@@ -284,7 +287,7 @@ class ECEEditor(EditorModule):
                 residual, keys, selected, moments[j], self.nullspace_threshold,
                 self.nullspace_rule, self.l2, previous)
             key = f"nullspace_dim/{self.matrices[j].name}"
-            values[key] = values.get(key, 0.0) + dim
+            values[key] = values.get(key, 0.0) + dim * share
             return update
 
         restricted_spread(self.model, self.tokenizer, facts, self.matrices, block,
