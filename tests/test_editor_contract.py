@@ -34,6 +34,8 @@ OVERRIDES = {
                     "--model.init_args.steps", "5"],
     "AlphaEditEditor": ["--model.init_args.backbone", "tinyfacts", "--model.init_args.layers",
                         "[0]", "--model.init_args.steps", "5"],
+    "ECEEditor": ["--model.init_args.backbone", "tinyfacts", "--model.init_args.layers", "[0]",
+                  "--model.init_args.steps", "5"],
 }
 
 

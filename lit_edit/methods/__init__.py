@@ -2,6 +2,7 @@
 
 from lit_edit.methods.alphaedit import AlphaEditEditor
 from lit_edit.methods.base import EditorModule
+from lit_edit.methods.ece import ECEEditor
 from lit_edit.methods.ft import FTEditor
 from lit_edit.methods.ike import IKEEditor
 from lit_edit.methods.lte import LTEEditor
@@ -13,6 +14,6 @@ from lit_edit.methods.serac import SERACEditor
 from lit_edit.methods.wise import WISEEditor
 
 __all__ = [
-    "AlphaEditEditor", "EditorModule", "FTEditor", "IKEEditor", "LTEEditor", "MEMITEditor",
-    "MENDEditor", "NoEdit", "ROMEEditor", "SERACEditor", "WISEEditor",
+    "AlphaEditEditor", "ECEEditor", "EditorModule", "FTEditor", "IKEEditor", "LTEEditor",
+    "MEMITEditor", "MENDEditor", "NoEdit", "ROMEEditor", "SERACEditor", "WISEEditor",
 ]
