@@ -117,13 +117,16 @@ def peer_workload(threads: int, rounds: int, parallel: int) -> None:
     pairs = [[p for g in record_groups(r).values() for p in g] for r in records]
 
     def pre() -> None:
+        """The pre-edit pass: every record in one measure."""
         evaluator.measure(editor, records)
 
     def post_one() -> None:
+        """The post-edit pass as SingleEdit runs it: one record per measure."""
         for r in records:
             evaluator.measure(editor, [r])
 
     def post_parallel() -> None:
+        """The post-edit pass of SingleEdit(parallel=K): K records per measure."""
         for i in range(0, len(records), parallel):
             with editor.parallel_edit(records[i : i + parallel]) as view:
                 evaluator.measure(view, records[i : i + parallel], parallel=True)
@@ -136,6 +139,7 @@ def peer_workload(threads: int, rounds: int, parallel: int) -> None:
         return total
 
     def best(fn) -> float:
+        """Best-of-``rounds`` seconds of ``fn()``."""
         times = []
         for _ in range(rounds):
             start = time.perf_counter()

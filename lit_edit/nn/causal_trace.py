@@ -173,7 +173,9 @@ def _first(output: Any) -> torch.Tensor:
 def _recording(modules: Sequence[nn.Module], store: list[torch.Tensor | None]) -> Iterator[None]:
     """Record each module's (first) output into ``store``."""
     def make(i: int):
+        """The hook of module ``i``."""
         def hook(_m: nn.Module, _a: tuple[Any, ...], output: Any) -> None:
+            """Keep the module's output."""
             store[i] = _first(output).detach()
         return hook
 
@@ -191,7 +193,9 @@ def _restoring(
 ) -> Iterator[None]:
     """Write ``clean[j]`` (``[1, T, d]``) where ``masks[j]`` (``[R, T]``) is set, per layer."""
     def make(j: int):
+        """The hook of layer ``j``."""
         def hook(_m: nn.Module, _a: tuple[Any, ...], output: Any) -> Any:
+            """Write the clean states where the mask of layer ``j`` is set."""
             if not bool(masks[j].any()):
                 return None
             out = _first(output)  # [R, T, d]
