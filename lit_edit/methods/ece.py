@@ -12,9 +12,9 @@ from lit_edit.editing import EditHandle, restored_on_error
 from lit_edit.methods.base import EditorModule
 from lit_edit.nn.corpus_moments import CorpusMoments
 from lit_edit.nn.ece_solve import (
+    apply_columns,
     restricted_alphaedit_update,
     restricted_memit_update,
-    restricted_spread,
 )
 from lit_edit.nn.fact_tokens import FactRequest, requests_of
 from lit_edit.nn.locate import check_value_settings, compute_values
@@ -24,6 +24,7 @@ from lit_edit.nn.memit_solve import (
     last_block,
     memit_keys,
     memit_prefixes,
+    spread_updates,
 )
 from lit_edit.nn.neurons import (
     NeuronRule,
@@ -290,8 +291,10 @@ class ECEEditor(EditorModule):
             values[key] = values.get(key, 0.0) + dim * share
             return update
 
-        restricted_spread(self.model, self.tokenizer, facts, self.matrices, block,
-                          self.templates, targets, units, solve)
+        spread_updates(self.model, self.tokenizer, facts, self.matrices, block, self.templates,
+                       targets, lambda j, residual, keys: solve(j, residual, keys, units[j]),
+                       write=lambda j, m, update: apply_columns(m.weight, m.layout, units[j],
+                                                                update))
 
     def record_values(self, records: Sequence[EditRecord]) -> list[dict[str, float | None]]:
         """Per record: clusters of its batch, mean units per cluster and matrix (and null space)."""

@@ -13,25 +13,18 @@ on the principal sub-blocks:
 
 With ``S`` every unit both equal the full solves of :mod:`lit_edit.nn.memit_solve`.
 :func:`apply_columns` adds ``ΔW_S`` to the selected units only (the other entries of the weight
-are not touched, so they stay bit-identical), and :func:`restricted_spread` is MEMIT's
-per-layer loop (:func:`~lit_edit.nn.memit_solve.spread_updates`) with one unit set per layer.
+are not touched, so they stay bit-identical); it is the ``write`` of MEMIT's per-layer loop
+(:func:`~lit_edit.nn.memit_solve.spread_updates`) for ECE.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-
 import torch
 from torch import nn
-from transformers import PreTrainedTokenizerBase
 
-from lit_edit.nn.fact_tokens import FactRequest
 from lit_edit.nn.layout import MatrixLayout
-from lit_edit.nn.locate import compute_keys
 from lit_edit.nn.memit_solve import (
-    EditedMatrix,
     alphaedit_update,
-    memit_keys,
     memit_update,
     nullspace_projector,
 )
@@ -122,40 +115,3 @@ def apply_columns(
             weight.index_add_(1, idx, update.to(weight.dtype))
         else:  # Conv1D [d_k, d_out]
             weight.index_add_(0, idx, update.T.to(weight.dtype))
-
-
-def restricted_spread(
-    model: nn.Module,
-    tokenizer: PreTrainedTokenizerBase,
-    requests: Sequence[FactRequest],
-    matrices: Sequence[EditedMatrix],
-    block: nn.Module,
-    templates: Sequence[str],
-    targets: torch.Tensor,
-    selected: Sequence[torch.Tensor],
-    solve: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
-) -> None:
-    """MEMIT's per-layer loop writing only the units ``S_j`` of each matrix ``j``.
-
-    Per layer ``j`` ascending: keys ``K_j`` on the current model, residual ``R = Z − H`` at the
-    last edited block spread as ``R_j = R / (L − j + 1)``, ``ΔW_S = solve(j, R_j, K_j, S_j)``,
-    applied (:func:`apply_columns`) before the next layer.
-
-    Args:
-        model: The causal LM (its matrices are changed in place).
-        tokenizer: A fast tokenizer.
-        requests: ``n`` facts.
-        matrices: The edited matrices, ascending.
-        block: The block of the last edited layer.
-        templates: Context templates of the keys (``"{}"`` first).
-        targets: ``[n, d]`` target hidden states ``z``.
-        selected: Per matrix, ``[s_j]`` ascending unit indices.
-        solve: ``solve(j, residual [n, d_out], keys [n, d_k], selected [s_j])`` → ``[d_out,
-            s_j]``.
-    """
-    for j, matrix in enumerate(matrices):
-        keys = memit_keys(model, tokenizer, matrix.module, requests, templates)  # [n, d_k]
-        current = compute_keys(model, tokenizer, block, requests, ["{}"], read="output")  # [n, d]
-        residual = (targets - current) / (len(matrices) - j)  # [n, d]
-        update = solve(j, residual, keys, selected[j])  # [d_out, s_j]
-        apply_columns(matrix.weight, matrix.layout, selected[j], update)

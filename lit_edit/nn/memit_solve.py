@@ -254,6 +254,7 @@ def spread_updates(
     templates: Sequence[str],
     targets: torch.Tensor,
     solve: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor],
+    write: Callable[[int, EditedMatrix, torch.Tensor], None] | None = None,
 ) -> list[torch.Tensor]:
     """MEMIT's step 2: one update per layer, ascending, each applied before the next layer.
 
@@ -265,8 +266,10 @@ def spread_updates(
         block: The block of the last edited layer (its output is where ``targets`` live).
         templates: Context templates of the keys (``"{}"`` first).
         targets: ``[n, d]`` target hidden states ``z``.
-        solve: ``solve(j, residual [n, d_out], keys [n, d_in])`` → ``[d_out, d_in]`` update
-            of matrix ``j``.
+        solve: ``solve(j, residual [n, d_out], keys [n, d_in])`` → the update of matrix
+            ``j`` (``[d_out, d_in]``, or whatever ``write`` takes).
+        write: ``write(j, matrix, update)`` applies it (default: the whole matrix,
+            :func:`~lit_edit.nn.locate.apply_matrix_update`; ECE: only its chosen units).
 
     Returns:
         The ``[d_out, d_in]`` update of each matrix, in order.
@@ -277,7 +280,10 @@ def spread_updates(
         current = compute_keys(model, tokenizer, block, requests, ["{}"], read="output")  # [n, d]
         residual = (targets - current) / (len(matrices) - j)  # [n, d]
         update = solve(j, residual, keys)  # [d_out, d_in]
-        apply_matrix_update(matrix.weight, matrix.layout, update)
+        if write is None:
+            apply_matrix_update(matrix.weight, matrix.layout, update)
+        else:
+            write(j, matrix, update)
         updates.append(update)
     return updates
 
