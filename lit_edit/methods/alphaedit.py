@@ -10,16 +10,12 @@ import torch
 
 from lit_edit.backbone import Backbone
 from lit_edit.editing import EditHandle
-from lit_edit.methods.base import EditorModule
-from lit_edit.nn.corpus_moments import CorpusMoments
+from lit_edit.methods.memit_family import MemitFamilyEditor
 from lit_edit.nn.fact_tokens import FactRequest, requests_of
 from lit_edit.nn.locate import check_value_settings
 from lit_edit.nn.memit_solve import (
     EditKeys,
     alphaedit_update,
-    edited_matrices,
-    last_block,
-    memit_prefixes,
     nullspace_projector,
     spread_edit,
 )
@@ -28,7 +24,7 @@ from lit_edit.records import EditRecord
 log = logging.getLogger(__name__)
 
 
-class AlphaEditEditor(EditorModule):
+class AlphaEditEditor(MemitFamilyEditor):
     """AlphaEdit: MEMIT whose updates cannot move the outputs of the preserved keys.
 
     The pipeline is MEMIT's (:class:`~lit_edit.methods.memit.MEMITEditor`,
@@ -119,31 +115,20 @@ class AlphaEditEditor(EditorModule):
         if nullspace_threshold <= 0 or l2 < 0:
             raise ValueError(f"AlphaEditEditor: nullspace_threshold must be > 0 and l2 >= 0, "
                              f"got {nullspace_threshold} and {l2}")
-        self.layers = [0, 1] if layers is None else list(layers)
-        self.matrices = edited_matrices(self.model, self.layers, type(self).__name__)
-        self._block = {"block": last_block(self.model, self.layers)}  # not a second submodule
-        self.value_settings = {
-            "kl_prompt": kl_prompt, "steps": steps, "lr": lr, "weight_decay": weight_decay,
-            "clamp_norm_factor": clamp_norm_factor, "kl_factor": kl_factor,
-            "stop_below": stop_below,
-        }
+        self.setup_family(
+            layers,
+            {"kl_prompt": kl_prompt, "steps": steps, "lr": lr, "weight_decay": weight_decay,
+             "clamp_norm_factor": clamp_norm_factor, "kl_factor": kl_factor,
+             "stop_below": stop_below},
+            (prefix_lengths, prefix_seed, prefix_starts),
+            (mom2_corpus, mom2_max_tokens, mom2_max_length, mom2_batch_size, stats_dir),
+            mom2_exclude_subject, accumulate_keys,
+        )
         self.nullspace_threshold = nullspace_threshold
         self.nullspace_rule = nullspace_rule
         self.l2 = l2
-        self.mom2_exclude_subject = mom2_exclude_subject
-        self.accumulate_keys = accumulate_keys
-        self.moments = CorpusMoments(self.model, self.tokenizer, self.backbone.name, mom2_corpus,
-                                     mom2_max_tokens, mom2_max_length, mom2_batch_size, stats_dir)
-        # from the unedited model, once (seeded): every later edit uses the same templates
-        self.templates = memit_prefixes(self.model, self.tokenizer, prefix_lengths, prefix_seed,
-                                        prefix_starts)
-        self.edit_keys = EditKeys()
         self._projectors: dict[str, tuple[torch.Tensor, int]] = {}
         self._record_values: dict[tuple[str, int], dict[str, float]] = {}
-
-    def edit_state_keys(self) -> set[str]:
-        """The edited matrices (an edit changes nothing else)."""
-        return {f"model.{m.name}.weight" for m in self.matrices}
 
     def projectors(self, requests: Sequence[FactRequest]) -> list[tuple[torch.Tensor, int]]:
         """``(P, null-space dimension)`` of each edited matrix for a batch.

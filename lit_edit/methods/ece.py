@@ -9,8 +9,7 @@ import torch
 
 from lit_edit.backbone import Backbone
 from lit_edit.editing import EditHandle, restored_on_error
-from lit_edit.methods.base import EditorModule
-from lit_edit.nn.corpus_moments import CorpusMoments
+from lit_edit.methods.memit_family import MemitFamilyEditor
 from lit_edit.nn.ece_solve import (
     apply_columns,
     restricted_alphaedit_update,
@@ -20,10 +19,7 @@ from lit_edit.nn.fact_tokens import FactRequest, requests_of
 from lit_edit.nn.locate import check_value_settings, compute_values
 from lit_edit.nn.memit_solve import (
     EditKeys,
-    edited_matrices,
-    last_block,
     memit_keys,
-    memit_prefixes,
     spread_updates,
 )
 from lit_edit.nn.neurons import (
@@ -37,7 +33,7 @@ from lit_edit.nn.neurons import (
 from lit_edit.records import EditRecord
 
 
-class ECEEditor(EditorModule):
+class ECEEditor(MemitFamilyEditor):
     """ECE: per-fact neuron attribution, clustering of the facts, restricted MEMIT-family solves.
 
     The paper's method, as far as its abstract says and LOCATE_THEN_EDIT.md §7.7 reconstructs
@@ -162,40 +158,22 @@ class ECEEditor(EditorModule):
                 neuron_rule == "top_k") else not 0 < neuron_amount <= 1:
             raise ValueError(f"{owner}: neuron_amount {neuron_amount} does not fit "
                              f"neuron_rule {neuron_rule}")
-        self.layers = [0, 1] if layers is None else list(layers)
-        self.matrices = edited_matrices(self.model, self.layers, owner)
-        self._block = {"block": last_block(self.model, self.layers)}  # not a second submodule
-        self.value_settings = {
-            "kl_prompt": kl_prompt, "steps": steps, "lr": lr, "weight_decay": weight_decay,
-            "clamp_norm_factor": clamp_norm_factor, "kl_factor": kl_factor,
-            "stop_below": stop_below,
-        }
+        self.setup_family(
+            layers,
+            {"kl_prompt": kl_prompt, "steps": steps, "lr": lr, "weight_decay": weight_decay,
+             "clamp_norm_factor": clamp_norm_factor, "kl_factor": kl_factor,
+             "stop_below": stop_below},
+            (prefix_lengths, prefix_seed, prefix_starts),
+            (mom2_corpus, mom2_max_tokens, mom2_max_length, mom2_batch_size, stats_dir),
+            mom2_exclude_subject, accumulate_keys,
+        )
         self.neuron_score, self.neuron_rule = neuron_score, neuron_rule
         self.neuron_amount, self.neuron_pooling = neuron_amount, neuron_pooling
         self.n_clusters, self.cluster_seed, self.solver = n_clusters, cluster_seed, solver
         self.mom2_update_weight = mom2_update_weight
         self.nullspace_threshold, self.nullspace_rule, self.l2 = (
             nullspace_threshold, nullspace_rule, l2)
-        self.mom2_exclude_subject = mom2_exclude_subject
-        self.accumulate_keys = accumulate_keys
-        self.moments = CorpusMoments(self.model, self.tokenizer, self.backbone.name, mom2_corpus,
-                                     mom2_max_tokens, mom2_max_length, mom2_batch_size, stats_dir)
-        self.templates = memit_prefixes(self.model, self.tokenizer, prefix_lengths, prefix_seed,
-                                        prefix_starts)
-        self.edit_keys = EditKeys()
         self._record_values: dict[tuple[str, int], dict[str, float]] = {}
-
-    def edit_state_keys(self) -> set[str]:
-        """The edited matrices (an edit changes nothing else)."""
-        return {f"model.{m.name}.weight" for m in self.matrices}
-
-    def batch_moments(self, requests: Sequence[FactRequest]) -> list[torch.Tensor]:
-        """``C`` of each edited matrix for a batch (without the texts naming its subjects)."""
-        if not self.mom2_exclude_subject:
-            return [self.moments.moment(m.name)[0] for m in self.matrices]
-        subjects = [r.subject for r in requests]
-        return [self.moments.moment_without_subjects(m.name, subjects, type(self).__name__)
-                for m in self.matrices]
 
     def attribute(self, requests: Sequence[FactRequest]) -> list[torch.Tensor]:
         """Per edited matrix, the ``[n, d_k]`` scores of the facts' units (current model)."""

@@ -8,22 +8,18 @@ import torch
 
 from lit_edit.backbone import Backbone
 from lit_edit.editing import EditHandle
-from lit_edit.methods.base import EditorModule
-from lit_edit.nn.corpus_moments import CorpusMoments
-from lit_edit.nn.fact_tokens import FactRequest, requests_of
+from lit_edit.methods.memit_family import MemitFamilyEditor
+from lit_edit.nn.fact_tokens import requests_of
 from lit_edit.nn.locate import check_value_settings
 from lit_edit.nn.memit_solve import (
     EditKeys,
-    edited_matrices,
-    last_block,
-    memit_prefixes,
     memit_update,
     spread_edit,
 )
 from lit_edit.records import EditRecord
 
 
-class MEMITEditor(EditorModule):
+class MEMITEditor(MemitFamilyEditor):
     """MEMIT: write a batch of facts into the MLP output matrices of several blocks.
 
     For ``n`` edits ``(prompt, subject, target_new)`` and layers ``l₁ < … < l_L``
@@ -108,35 +104,16 @@ class MEMITEditor(EditorModule):
         if mom2_update_weight < 0:
             raise ValueError(f"MEMITEditor: mom2_update_weight must be >= 0, got "
                              f"{mom2_update_weight}")
-        self.layers = [0, 1] if layers is None else list(layers)
-        self.matrices = edited_matrices(self.model, self.layers, type(self).__name__)
-        self._block = {"block": last_block(self.model, self.layers)}  # not a second submodule
-        self.value_settings = {
-            "kl_prompt": kl_prompt, "steps": steps, "lr": lr, "weight_decay": weight_decay,
-            "clamp_norm_factor": clamp_norm_factor, "kl_factor": kl_factor,
-            "stop_below": stop_below,
-        }
+        self.setup_family(
+            layers,
+            {"kl_prompt": kl_prompt, "steps": steps, "lr": lr, "weight_decay": weight_decay,
+             "clamp_norm_factor": clamp_norm_factor, "kl_factor": kl_factor,
+             "stop_below": stop_below},
+            (prefix_lengths, prefix_seed, prefix_starts),
+            (mom2_corpus, mom2_max_tokens, mom2_max_length, mom2_batch_size, stats_dir),
+            mom2_exclude_subject, accumulate_keys,
+        )
         self.mom2_update_weight = mom2_update_weight
-        self.mom2_exclude_subject = mom2_exclude_subject
-        self.accumulate_keys = accumulate_keys
-        self.moments = CorpusMoments(self.model, self.tokenizer, self.backbone.name, mom2_corpus,
-                                     mom2_max_tokens, mom2_max_length, mom2_batch_size, stats_dir)
-        # from the unedited model, once (seeded): every later edit uses the same templates
-        self.templates = memit_prefixes(self.model, self.tokenizer, prefix_lengths, prefix_seed,
-                                        prefix_starts)
-        self.edit_keys = EditKeys()
-
-    def edit_state_keys(self) -> set[str]:
-        """The edited matrices (an edit changes nothing else)."""
-        return {f"model.{m.name}.weight" for m in self.matrices}
-
-    def batch_moments(self, requests: Sequence[FactRequest]) -> list[torch.Tensor]:
-        """``C`` of each edited matrix for a batch (without the texts naming its subjects)."""
-        if not self.mom2_exclude_subject:
-            return [self.moments.moment(m.name)[0] for m in self.matrices]
-        subjects = [r.subject for r in requests]
-        return [self.moments.moment_without_subjects(m.name, subjects, type(self).__name__)
-                for m in self.matrices]
 
     def edit(self, records: Sequence[EditRecord]) -> EditHandle:
         """Write the records' new targets into the edited matrices, all at once.
