@@ -12,8 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
-from transformers.pytorch_utils import Conv1D
+from solve_helpers import random_layer, seeded
 
 from lit_edit.editing import ParameterSnapshot
 from lit_edit.editor import apply_edit, open_sequence
@@ -35,18 +34,6 @@ from lit_edit.protocols import BatchEdit
 from lit_edit.world import load_world, resolve_tinyfacts
 
 
-def _generator(seed: int = 0) -> torch.Generator:
-    torch.set_num_threads(1)
-    return torch.Generator().manual_seed(seed)
-
-
-def _layer(kind: str, d_in: int, d_out: int, g: torch.Generator) -> nn.Module:
-    layer = nn.Linear(d_in, d_out) if kind == "linear" else Conv1D(d_out, d_in)
-    with torch.no_grad():
-        layer.weight.copy_(torch.randn(layer.weight.shape, generator=g))
-    return layer
-
-
 def _problem(g: torch.Generator, d_in: int = 10, d_out: int = 4, n: int = 3):
     keys = torch.randn(n, d_in, generator=g)
     residual = torch.randn(n, d_out, generator=g)
@@ -57,9 +44,9 @@ def _problem(g: torch.Generator, d_in: int = 10, d_out: int = 4, n: int = 3):
 
 @pytest.mark.parametrize("kind", ["conv1d", "linear"])
 def test_the_restricted_solve_changes_only_the_chosen_units(kind) -> None:
-    g = _generator()
+    g = seeded()
     d_in, d_out = 10, 6
-    layer = _layer(kind, d_in, d_out, g)
+    layer = random_layer(kind, d_in, d_out, g)
     layout = matrix_layout("layer.weight", layer)
     keys, residual, moment, earlier = _problem(g, d_in, d_out)
     selected = torch.tensor([1, 4, 7])
@@ -83,7 +70,7 @@ def test_the_restricted_solve_changes_only_the_chosen_units(kind) -> None:
 
 
 def test_the_restricted_solve_over_all_units_is_memits_and_alphaedits() -> None:
-    g = _generator(1)
+    g = seeded(1)
     keys, residual, moment, earlier = _problem(g)
     every = torch.arange(keys.shape[1])
     torch.testing.assert_close(restricted_memit_update(residual, keys, every, moment, 2.0,
@@ -97,7 +84,7 @@ def test_the_restricted_solve_over_all_units_is_memits_and_alphaedits() -> None:
     torch.testing.assert_close(update, alphaedit_update(residual, keys, projector, 1.0, earlier),
                                atol=0, rtol=0)
     for kind in ("conv1d", "linear"):  # applied: the same weights as MEMIT's full update
-        a, b = _layer(kind, 10, 4, _generator(2)), _layer(kind, 10, 4, _generator(2))
+        a, b = random_layer(kind, 10, 4, seeded(2)), random_layer(kind, 10, 4, seeded(2))
         full = memit_update(residual, keys, moment, 2.0, earlier)
         apply_matrix_update(a.weight, matrix_layout("w", a), full)
         apply_columns(b.weight, matrix_layout("w", b), every, full)
@@ -105,9 +92,9 @@ def test_the_restricted_solve_over_all_units_is_memits_and_alphaedits() -> None:
 
 
 def test_the_restricted_alphaedit_solve_leaves_preserved_keys_unchanged() -> None:
-    g = _generator(3)
+    g = seeded(3)
     d_in, d_out = 12, 5
-    layer = _layer("conv1d", d_in, d_out, g)
+    layer = random_layer("conv1d", d_in, d_out, g)
     basis = torch.randn(d_in, 5, generator=g)
     preserved = (basis @ torch.randn(5, 80, generator=g)).T  # rank 5
     keys, residual = torch.randn(3, d_in, generator=g), torch.randn(3, d_out, generator=g)
@@ -129,7 +116,7 @@ def test_jaccard_by_hand() -> None:
 
 
 def test_clustering_finds_two_disjoint_unit_groups() -> None:
-    g = _generator(4)
+    g = seeded(4)
     d = 40
     sets = torch.zeros(10, d, dtype=torch.bool)
     for i in range(10):  # facts 0, 2, 4, ... use units 0-19, the others units 20-39
@@ -144,7 +131,7 @@ def test_clustering_finds_two_disjoint_unit_groups() -> None:
 @pytest.mark.parametrize("kind", ["conv1d", "linear"])
 def test_scores_are_oriented_by_input_unit(kind) -> None:
     d_k, d_out = 6, 3  # Conv1D stores [d_k, d_out]: the release's scores came out [d_out]
-    layer = _layer(kind, d_k, d_out, _generator(5))
+    layer = random_layer(kind, d_k, d_out, seeded(5))
     layout = matrix_layout("w", layer)
     with torch.no_grad():
         w = torch.full((d_out, d_k), 0.1)

@@ -13,8 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
-from transformers.pytorch_utils import Conv1D
+from solve_helpers import random_layer, seeded
 
 from lit_edit.editing import ParameterSnapshot
 from lit_edit.editor import apply_edit, open_sequence
@@ -30,20 +29,8 @@ from lit_edit.protocols import BatchEdit, SequentialEdit
 from lit_edit.world import load_world, resolve_tinyfacts
 
 
-def _generator(seed: int = 0) -> torch.Generator:
-    torch.set_num_threads(1)
-    return torch.Generator().manual_seed(seed)
-
-
-def _layer(kind: str, d_in: int, d_out: int, g: torch.Generator) -> nn.Module:
-    layer = nn.Linear(d_in, d_out) if kind == "linear" else Conv1D(d_out, d_in)
-    with torch.no_grad():
-        layer.weight.copy_(torch.randn(layer.weight.shape, generator=g))
-    return layer
-
-
 def test_memit_update_equals_a_direct_least_squares_solve() -> None:
-    g = _generator()
+    g = seeded()
     d_in, d_out, n, n0, lam = 9, 5, 4, 30, 3.0
     keys = torch.randn(n, d_in, generator=g, dtype=torch.float64)
     residual = torch.randn(n, d_out, generator=g, dtype=torch.float64)
@@ -62,8 +49,8 @@ def test_memit_update_equals_a_direct_least_squares_solve() -> None:
 @pytest.mark.parametrize(("kind", "d_in", "d_out"), [("conv1d", 8, 6), ("linear", 8, 6),
                                                       ("conv1d", 7, 7)])
 def test_memit_update_with_tiny_lambda_writes_every_key_exactly(kind, d_in, d_out) -> None:
-    g = _generator(1)
-    layer = _layer(kind, d_in, d_out, g)
+    g = seeded(1)
+    layer = random_layer(kind, d_in, d_out, g)
     layout = matrix_layout("layer.weight", layer)
     keys = torch.randn(3, d_in, generator=g)  # fewer keys than dimensions
     values = torch.randn(3, d_out, generator=g)  # the outputs wanted
@@ -77,7 +64,7 @@ def test_memit_update_with_tiny_lambda_writes_every_key_exactly(kind, d_in, d_ou
 
 
 def test_memit_update_with_a_large_lambda_barely_moves_the_preserved_keys() -> None:
-    g = _generator(2)
+    g = seeded(2)
     keys, residual = torch.randn(3, 8, generator=g), torch.randn(3, 4, generator=g)
     preserved = torch.randn(40, 8, generator=g)
     moment = preserved.T @ preserved / 40
@@ -93,7 +80,7 @@ def _low_rank_keys(g: torch.Generator, d: int, rank: int, n: int) -> torch.Tenso
 
 
 def test_nullspace_projector_annihilates_the_preserved_keys() -> None:
-    g = _generator(3)
+    g = seeded(3)
     d, rank = 12, 7
     preserved = _low_rank_keys(g, d, rank, 200)
     projector, dim = nullspace_projector(preserved.T @ preserved / 200, 1e-6)
@@ -107,7 +94,7 @@ def test_nullspace_projector_annihilates_the_preserved_keys() -> None:
 
 
 def test_nullspace_projector_uses_a_relative_threshold() -> None:
-    g = _generator(4)
+    g = seeded(4)
     d = 10
     preserved = torch.randn(300, d, generator=g) * torch.logspace(0, -3, d)  # spread spectrum
     moment = preserved.T @ preserved / 300
@@ -122,7 +109,7 @@ def test_nullspace_projector_uses_a_relative_threshold() -> None:
 
 
 def test_the_energy_rule_bounds_the_preserved_keys_energy_in_the_null_space() -> None:
-    g = _generator(7)
+    g = seeded(7)
     d = 16
     preserved = torch.randn(400, d, generator=g, dtype=torch.float64) * torch.logspace(
         1, -2, d, dtype=torch.float64)
@@ -140,9 +127,9 @@ def test_the_energy_rule_bounds_the_preserved_keys_energy_in_the_null_space() ->
 
 @pytest.mark.parametrize("kind", ["conv1d", "linear"])
 def test_alphaedit_update_leaves_the_preserved_keys_outputs_unchanged(kind) -> None:
-    g = _generator(5)
+    g = seeded(5)
     d_in, d_out, rank = 12, 6, 6
-    layer = _layer(kind, d_in, d_out, g)
+    layer = random_layer(kind, d_in, d_out, g)
     layout = matrix_layout("layer.weight", layer)
     preserved = _low_rank_keys(g, d_in, rank, 100)
     projector, _ = nullspace_projector(preserved.T @ preserved / 100, 1e-6)
@@ -164,7 +151,7 @@ def test_alphaedit_update_leaves_the_preserved_keys_outputs_unchanged(kind) -> N
 
 
 def test_edit_keys_sum_their_batches_and_undo_exactly() -> None:
-    g = _generator(6)
+    g = seeded(6)
     store = EditKeys()
     assert store.gram(0) is None
     a, b = torch.randn(3, 5, generator=g), torch.randn(2, 5, generator=g)
