@@ -131,26 +131,25 @@ def input_second_moment(
     bar = tqdm(total=max_tokens, unit="tok", desc=f"second moment of {layer}", leave=False,
                disable=None)  # shown on a terminal only
     try:
-        with torch.no_grad():
-            for start in range(0, len(texts), batch_size):
-                batch = tokenizer(list(texts[start:start + batch_size]), return_tensors="pt",
-                                  padding=True, truncation=True, max_length=max_length,
-                                  padding_side="right")  # causal: real tokens never see the pads
-                captured.clear()
-                try:
-                    model(input_ids=batch["input_ids"].to(device),
-                          attention_mask=batch["attention_mask"].to(device))
-                except _Captured:
-                    pass
-                keys = captured[0].reshape(-1, captured[0].shape[-1])  # (batch·seq, d)
-                keys = keys[batch["attention_mask"].reshape(-1).bool().to(device)]  # (tokens, d)
-                keys = keys[: max_tokens - n].double()
-                part = keys.T @ keys  # (d, d)
-                total = part if total is None else total + part
-                n += keys.shape[0]
-                bar.update(keys.shape[0])
-                if n >= max_tokens:
-                    break
+        for start in range(0, len(texts), batch_size):
+            batch = tokenizer(list(texts[start:start + batch_size]), return_tensors="pt",
+                              padding=True, truncation=True, max_length=max_length,
+                              padding_side="right")  # causal: real tokens never see the pads
+            captured.clear()
+            try:
+                model(input_ids=batch["input_ids"].to(device),
+                      attention_mask=batch["attention_mask"].to(device))
+            except _Captured:
+                pass
+            keys = captured[0].reshape(-1, captured[0].shape[-1])  # (batch·seq, d)
+            keys = keys[batch["attention_mask"].reshape(-1).bool().to(device)]  # (tokens, d)
+            keys = keys[: max_tokens - n].double()
+            part = keys.T @ keys  # (d, d)
+            total = part if total is None else total + part
+            n += keys.shape[0]
+            bar.update(keys.shape[0])
+            if n >= max_tokens:
+                break
     finally:
         handle.remove()
         bar.close()
