@@ -9,7 +9,7 @@ import torch
 
 from lit_edit.backbone import Backbone
 from lit_edit.editing import EditHandle, restored_on_error
-from lit_edit.methods.memit_family import MemitFamilyEditor
+from lit_edit.methods.base_locate import MemitFamilyEditor
 from lit_edit.nn.ece_solve import (
     apply_columns,
     restricted_alphaedit_update,

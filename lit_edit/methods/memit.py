@@ -8,7 +8,7 @@ import torch
 
 from lit_edit.backbone import Backbone
 from lit_edit.editing import EditHandle
-from lit_edit.methods.memit_family import MemitFamilyEditor
+from lit_edit.methods.base_locate import MemitFamilyEditor
 from lit_edit.nn.fact_tokens import requests_of
 from lit_edit.nn.locate import check_value_settings
 from lit_edit.nn.memit_solve import (

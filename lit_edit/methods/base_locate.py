@@ -1,4 +1,4 @@
-"""What MEMIT, AlphaEdit and ECE share as editors: matrices, targets' block, C, templates, keys."""
+"""The editor base MEMIT, AlphaEdit and ECE share (a neutral home, not one method's file)."""
 
 from __future__ import annotations
 
