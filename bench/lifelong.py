@@ -6,7 +6,8 @@ evaluate="after_group")``: every record scored on the model after its group's la
 rolled back; fluency off; locality leaves out the pairs about a fact another edit in effect
 changed), with ``configs/wise/tinyfacts_t100.yaml`` as the overlay or its flags:
 
-* WISE and FT-M (nothing to train): ``python bench/seeds.py --config
+* WISE, FT-M, ROME, MEMIT, AlphaEdit and ECE (nothing to train; the last four on each world's
+  ``tinyfacts-4l`` model, one edit per call): ``python bench/seeds.py --config
   configs/<m>/tinyfacts.yaml --tag t100 --eval-args --config configs/wise/tinyfacts_t100.yaml``
   (into ``runs/seeds/<m>-tinyfactst100/``);
 * MEND and LTE: the world's trained checkpoint of ``bench/seeds.py`` (``runs/seeds/mend-tinyfacts/
@@ -31,6 +32,8 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 OVERLAY = "configs/wise/tinyfacts_t100.yaml"
+NAMES = {"wise": "WISE (Merge)", "ft": "FT-M", "mend": "MEND", "lte": "LTE", "rome": "ROME",
+         "memit": "MEMIT", "alphaedit": "AlphaEdit", "ece": "ECE"}
 
 
 def t100_flags() -> list[str]:
@@ -49,7 +52,7 @@ def run(cmd: list[str], log: Path) -> None:
 
 
 def untrained(method: str, world: int, force: bool) -> Path:
-    """WISE or FT-M on ``world`` through ``bench/seeds.py``; its results folder."""
+    """A method without training on ``world`` through ``bench/seeds.py``; its results folder."""
     results = REPO / "runs" / "seeds" / f"{method}-tinyfactst100" / f"seed{world}" / "results"
     if force or not (results / "summary.json").is_file():
         run([sys.executable, "bench/seeds.py", "--config", f"configs/{method}/tinyfacts.yaml",
@@ -81,15 +84,14 @@ def trained(method: str, world: int, force: bool) -> Path:
 def main() -> None:
     """Run what is missing and print one table (x100) per metric."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--methods", nargs="+", default=["wise", "ft", "mend", "lte"])
+    parser.add_argument("--methods", nargs="+", choices=list(NAMES), default=list(NAMES))
     parser.add_argument("--worlds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--force", action="store_true")
     args = parser.parse_args()
-    names = {"wise": "WISE (Merge)", "ft": "FT-M", "mend": "MEND", "lte": "LTE"}
     rows: dict[str, dict[int, dict[str, Any]]] = {}
     for method in args.methods:
         for world in args.worlds:
-            get = untrained if method in ("wise", "ft") else trained
+            get = trained if method in ("mend", "lte") else untrained
             folder = get(method, world, args.force)
             rows.setdefault(method, {})[world] = json.loads((folder / "summary.json").read_text())
     print(f"T = 100 (2 groups of 100 of the 200 held-out records), after each group's last "
@@ -105,7 +107,7 @@ def main() -> None:
             for k in means:
                 means[k].append(100 * s[k])
         mean = " / ".join(f"{sum(v) / len(v):.1f}" for v in means.values())
-        print(f"| {names[method]} | " + " | ".join(cells) + f" | {mean} |")
+        print(f"| {NAMES[method]} | " + " | ".join(cells) + f" | {mean} |")
 
 
 if __name__ == "__main__":

@@ -105,3 +105,38 @@ def test_editors_without_parallel_edits_are_refused() -> None:
     with pytest.raises(ValueError, match="no parallel single edits"):
         SingleEdit(parallel=4).check(Plain())
     SingleEdit(parallel=1).check(Plain())
+
+
+@pytest.mark.parametrize("conv1d", [False, True], ids=["linear", "conv1d"])
+def test_low_rank_row_deltas_equal_their_dense_updates(conv1d: bool) -> None:
+    """Factored updates ``(x Lᵀ) R`` give each row what the dense ``Lᵀ R`` stack gives."""
+    from transformers.pytorch_utils import Conv1D
+
+    from lit_edit.nn.layout import matrix_layout
+    from lit_edit.nn.row_deltas import LowRank
+
+    torch.manual_seed(2)
+    layer = Conv1D(12, 10) if conv1d else torch.nn.Linear(10, 12)  # d_in 10, d_out 12
+    factors = LowRank(torch.randn(3, 2, 10), torch.randn(3, 2, 12))  # 3 edits of rank 2
+    assert not factors.cheaper_dense()  # 2 · 22 < 120: stays factored
+    by_hand = [factors.left[k].T @ factors.right[k] for k in range(3)]  # [d_in, d_out]
+    layout = {"l": (layer, matrix_layout("l.weight", layer))}
+    factored = RowDeltas(layout, {"l": factors})
+    assert isinstance(factored.deltas["l"], LowRank)
+    dense = RowDeltas(layout, {"l": factors.dense(not conv1d)})
+    x = torch.randn(4, 3, 10)
+    for owners in ([2, 0, 2, 1], [2, 2, 0, 0]):  # every edit, and a subset of them
+        with torch.no_grad(), factored.rows(owners):
+            y = layer(x)
+        with torch.no_grad(), dense.rows(owners):
+            y_dense = layer(x)
+        torch.testing.assert_close(y, y_dense)
+        with torch.no_grad():
+            base = layer(x)
+        for b, k in enumerate(owners):
+            torch.testing.assert_close(y[b], base[b] + x[b] @ by_hand[k])
+    high = LowRank(torch.randn(2, 8, 10), torch.randn(2, 8, 12))  # 8 · 22 > 120
+    assert high.cheaper_dense()
+    assert not isinstance(RowDeltas(layout, {"l": high}).deltas["l"], LowRank)
+    with pytest.raises(ValueError, match="LowRank needs"):
+        LowRank(torch.randn(2, 3, 10), torch.randn(2, 4, 12))

@@ -17,7 +17,7 @@ from lit_edit.nn.hooks import capture_factors
 from lit_edit.nn.layout import matrix_layout, mlp_parameter_names
 from lit_edit.nn.losses import masked_nll
 from lit_edit.nn.mend import MENDNetwork
-from lit_edit.nn.row_deltas import RowDeltas
+from lit_edit.nn.row_deltas import LowRank, RowDeltas
 from lit_edit.parallel_edits import RowDeltaEdits
 from lit_edit.records import EditRecord
 from lit_edit.tokenization import pad_token_id
@@ -226,9 +226,10 @@ class MENDEditor(MENDTraining, EditorModule):
 
         The edit batch holds one row per record; its loss is the sum of the per-record edit
         NLLs, so each row's factors are those of its record alone; the network transforms every
-        factor row, and the updates are summed per record (:meth:`MENDNetwork.grouped`). Row
-        ``k`` of later batches runs with record ``k``'s matrices
-        (:class:`~lit_edit.nn.row_deltas.RowDeltas`); the backbone's weights are not changed.
+        factor row, and each record's update is kept as its factors (rank: its tokens;
+        :meth:`MENDNetwork.grouped`), never multiplied out where that is cheaper. Row ``k`` of
+        later batches runs with record ``k``'s matrices (:class:`~lit_edit.nn.row_deltas.
+        RowDeltas`: ``W x + (x u′ᵀ) δ′``); the backbone's weights are not changed.
         """
         was_training = self.network.training
         batch = move_batch_to_device(self.collator.pairs([r.edit_pair for r in records]),
@@ -257,7 +258,7 @@ class MENDEditor(MENDTraining, EditorModule):
             )
         }
         deltas = {
-            name.removesuffix(".weight"): stack.to(param.dtype)
-            for name, param, stack in zip(self.inner_names, self.inner, stacks, strict=True)
+            name.removesuffix(".weight"): LowRank(f.left.to(param.dtype), f.right.to(param.dtype))
+            for name, param, f in zip(self.inner_names, self.inner, stacks, strict=True)
         }
         return RowDeltaEdits(self, RowDeltas(layers, deltas))

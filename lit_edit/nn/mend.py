@@ -25,6 +25,7 @@ import torch.distributed as dist
 from torch import nn
 
 from lit_edit.nn.layout import MatrixLayout, outer_sum
+from lit_edit.nn.row_deltas import LowRank
 
 
 class RunningNorm(nn.Module):
@@ -270,11 +271,13 @@ class MENDNetwork(nn.Module):
 
     def grouped(
         self, factors: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], n_groups: int
-    ) -> list[torch.Tensor]:
-        """The update of every matrix for each of ``n_groups`` independent edits.
+    ) -> list[LowRank]:
+        """The update of every matrix for each of ``n_groups`` independent edits, factored.
 
         The transform acts on each factor row alone, so transforming the rows of several edits
-        together and summing ``δ′ u′ᵀ`` per edit gives each edit's own update.
+        together and summing ``δ′ u′ᵀ`` per edit gives each edit's own update. It is returned as
+        its factors (rank: the most rows of one edit, zero rows padding the others), never
+        multiplied out.
 
         Args:
             factors: One ``(u [N_i, d_in], δ [N_i, d_out], groups [N_i])`` per matrix, in order;
@@ -282,7 +285,9 @@ class MENDNetwork(nn.Module):
             n_groups: Number of edits.
 
         Returns:
-            One ``[n_groups, *weight shape]`` float32 stack of updates per matrix.
+            One float32 :class:`~lit_edit.nn.row_deltas.LowRank` per matrix (``left [K, r,
+            d_in]`` the transformed inputs, ``right [K, r, d_out]`` the transformed output
+            gradients times the signed step size).
         """
         if len(factors) != len(self.matrices):
             raise ValueError(
@@ -291,15 +296,16 @@ class MENDNetwork(nn.Module):
         sign = -1.0 if self.descent else 1.0
         out = []
         for i, (u, d, groups) in enumerate(factors):
-            m = self.matrices[i]
             u2, d2 = self.transforms[self.keys[i]](u, d, self.modes[i])  # [N, d_in], [N, d_out]
-            shape = (m.d_out, m.d_in) if m.transposed else (m.d_in, m.d_out)
-            stack = u2.new_zeros(n_groups, *shape)  # [K, *weight shape]
+            counts = torch.bincount(groups, minlength=n_groups)  # [K] rows of each edit
+            rank = max(int(counts.max()) if counts.numel() else 0, 1)
+            left = u2.new_zeros(n_groups, rank, u2.shape[1])  # [K, r, d_in]
+            right = d2.new_zeros(n_groups, rank, d2.shape[1])  # [K, r, d_out]
             for k in range(n_groups):
                 rows = groups == k
-                if bool(rows.any()):
-                    stack[k] = outer_sum(u2[rows], d2[rows], m.transposed)
-            out.append(sign * self.edit_lrs[i] * stack)
+                left[k, : int(counts[k])] = u2[rows]
+                right[k, : int(counts[k])] = d2[rows]
+            out.append(LowRank(left, sign * self.edit_lrs[i] * right))
         return out
 
     def forward(self, factors: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:

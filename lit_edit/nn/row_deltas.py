@@ -7,6 +7,10 @@ forward; :class:`RowDeltas` adds ``D[k_b] x_b`` with a forward hook, as one batc
 edit over that edit's rows (the rows are grouped, never the ``[B, *W.shape]`` updates gathered
 per row). Everything else of the model is shared. The result equals the one-by-one edited
 model's up to float rounding (``W x + D x`` instead of ``(W + D) x``).
+
+An update of low rank (MEND's: a sum over the edit's tokens of outer products) can be given as
+:class:`LowRank` factors; its rows then cost ``r (d_in + d_out)`` instead of ``d_in d_out``
+multiply-adds per token, and it is expanded to the dense stack only where that is cheaper.
 """
 
 from __future__ import annotations
@@ -20,6 +24,39 @@ import torch
 from torch import nn
 
 from lit_edit.nn.layout import MatrixLayout
+
+
+@dataclass(frozen=True)
+class LowRank:
+    """``K`` updates in factored form: edit ``k`` adds ``(x Lₖᵀ) Rₖ`` to a row ``x``'s output.
+
+    The dense update is ``Lₖᵀ Rₖ`` (``[d_in, d_out]``, Conv1D's layout) or ``Rₖᵀ Lₖ``
+    (``[d_out, d_in]``, ``nn.Linear``'s); zero factor rows pad edits of lower rank.
+
+    Attributes:
+        left: ``[K, r, d_in]`` input-side factors.
+        right: ``[K, r, d_out]`` output-side factors.
+    """
+
+    left: torch.Tensor
+    right: torch.Tensor
+
+    def __post_init__(self) -> None:
+        if self.left.dim() != 3 or self.right.dim() != 3 or (
+                self.left.shape[:2] != self.right.shape[:2]):
+            raise ValueError(f"LowRank needs left [K, r, d_in] and right [K, r, d_out], got "
+                             f"{tuple(self.left.shape)} and {tuple(self.right.shape)}")
+
+    def cheaper_dense(self) -> bool:
+        """Whether the dense ``d_in · d_out`` product costs no more than the two factored ones."""
+        r, d_in, d_out = self.left.shape[1], self.left.shape[2], self.right.shape[2]
+        return r * (d_in + d_out) >= d_in * d_out
+
+    def dense(self, transposed: bool) -> torch.Tensor:
+        """The dense stack: ``[K, d_out, d_in]`` if ``transposed`` else ``[K, d_in, d_out]``."""
+        if transposed:
+            return torch.bmm(self.right.transpose(1, 2), self.left)
+        return torch.bmm(self.left.transpose(1, 2), self.right)
 
 
 @dataclass(frozen=True)
@@ -58,28 +95,38 @@ class RowDeltas:
     Args:
         layers: Layer name → ``(layer, layout)`` (``nn.Linear`` or GPT-2 ``Conv1D``).
         deltas: Layer name → ``[K, *weight.shape]`` updates in the weight's storage layout
-            (``[K, d_out, d_in]`` for ``nn.Linear``, ``[K, d_in, d_out]`` for ``Conv1D``).
+            (``[K, d_out, d_in]`` for ``nn.Linear``, ``[K, d_in, d_out]`` for ``Conv1D``), or
+            their :class:`LowRank` factors (kept factored only where that is cheaper).
     """
 
     def __init__(
         self,
         layers: Mapping[str, tuple[nn.Module, MatrixLayout]],
-        deltas: Mapping[str, torch.Tensor],
+        deltas: Mapping[str, torch.Tensor | LowRank],
     ) -> None:
         if set(layers) != set(deltas):
             raise ValueError(f"layers {sorted(layers)} and deltas {sorted(deltas)} differ")
-        sizes = {int(d.shape[0]) for d in deltas.values()}
+        self.layers = dict(layers)
+        self.deltas: dict[str, torch.Tensor | LowRank] = {
+            name: d.dense(self.layers[name][1].transposed)
+            if isinstance(d, LowRank) and d.cheaper_dense() else d
+            for name, d in deltas.items()
+        }
+        sizes = {int((d.left if isinstance(d, LowRank) else d).shape[0])
+                 for d in self.deltas.values()}
         if len(sizes) != 1:
             raise ValueError(f"every delta needs the same number of edits, got {sorted(sizes)}")
-        self.layers = dict(layers)
-        self.deltas = dict(deltas)
         self.n_edits = sizes.pop()
 
     def _hook(self, name: str, groups: _Groups) -> Any:
         layout = self.layers[name][1]
-        deltas = self.deltas[name]
-        # the updates of the edits present in the batch (the stack itself when all are)
-        d = deltas if groups.all_edits else deltas[groups.edits.to(deltas.device)]
+        d = self.deltas[name]
+        if not groups.all_edits:  # the updates of the edits present in the batch
+            if isinstance(d, LowRank):
+                present = groups.edits.to(d.left.device)
+                d = LowRank(d.left[present], d.right[present])
+            else:
+                d = d[groups.edits.to(d.device)]
 
         def hook(module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
             """Add each row's own update ``D[k_b] x_b``: one batched product per edit."""
@@ -93,10 +140,15 @@ class RowDeltas:
             g, c = groups.edits.shape[0], groups.width
             grouped = x.new_zeros(g, c, length, d_in)  # row b at (its edit's group, its slot)
             grouped[groups.group, groups.slot] = x
-            w = d.to(x.dtype)  # [G, *weight shape]
-            if layout.transposed:  # nn.Linear: w [G, d_out, d_in]
-                w = w.transpose(1, 2)
-            extra = torch.bmm(grouped.view(g, c * length, d_in), w)  # [G, c·L, d_out]
+            flat = grouped.view(g, c * length, d_in)
+            if isinstance(d, LowRank):
+                mid = torch.bmm(flat, d.left.to(x.dtype).transpose(1, 2))  # [G, c·L, r]
+                extra = torch.bmm(mid, d.right.to(x.dtype))  # [G, c·L, d_out]
+            else:
+                w = d.to(x.dtype)  # [G, *weight shape]
+                if layout.transposed:  # nn.Linear: w [G, d_out, d_in]
+                    w = w.transpose(1, 2)
+                extra = torch.bmm(flat, w)  # [G, c·L, d_out]
             extra = extra.view(g, c, length, -1)[groups.group, groups.slot]  # [B, L, d_out]
             return output + extra
 
