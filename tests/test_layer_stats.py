@@ -13,7 +13,10 @@ from lit_edit.nn.layer_stats import (
     LayerStatsCache,
     StatsKey,
     input_second_moment,
+    input_second_moments,
     model_fingerprint,
+    moment_without,
+    moments_without,
     texts_fingerprint,
 )
 
@@ -166,3 +169,22 @@ def test_the_forward_stops_at_the_layer(lm) -> None:
     finally:
         handle.remove()
     assert calls == []
+
+
+def test_several_layers_in_one_pass_give_each_layers_own_moment_bit_for_bit(lm) -> None:
+    """One pass for the moments of blocks 0 and 1 (and the subtraction) equals one per layer."""
+    model, tokenizer = lm
+    layers = ["transformer.h.1.mlp.c_proj", "transformer.h.0.mlp.c_proj"]  # not forward order
+    for budget in (10_000, 7):  # the whole corpus, and a budget cut inside a batch
+        together, n = input_second_moments(model, tokenizer, layers, TEXTS, budget, batch_size=2)
+        for layer, moment in zip(layers, together, strict=True):
+            alone, n_alone = input_second_moment(model, tokenizer, layer, TEXTS, budget,
+                                                 batch_size=2)
+            assert n == n_alone and torch.equal(moment, alone)
+    full = [input_second_moment(model, tokenizer, layer, TEXTS, 10_000) for layer in layers]
+    without = moments_without(full, model, tokenizer, layers, TEXTS[:2])
+    for layer, (moment, n), got in zip(layers, full, without, strict=True):
+        assert torch.equal(got, moment_without(moment, n, model, tokenizer, layer, TEXTS[:2]))
+    assert moments_without(full, model, tokenizer, layers, []) == [m for m, _ in full]
+    with pytest.raises(ValueError, match="distinct"):
+        input_second_moments(model, tokenizer, [layers[0], layers[0]], TEXTS, 10)

@@ -60,6 +60,5 @@ class MemitFamilyEditor(EditorModule):
         """``C`` of each edited matrix for a batch (without the texts naming its subjects)."""
         if not self.mom2_exclude_subject:
             return [self.moments.moment(m.name)[0] for m in self.matrices]
-        subjects = [r.subject for r in requests]
-        return [self.moments.moment_without_subjects(m.name, subjects, type(self).__name__)
-                for m in self.matrices]
+        return self.moments.moments_without_subjects(
+            [m.name for m in self.matrices], [r.subject for r in requests], type(self).__name__)

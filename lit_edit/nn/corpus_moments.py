@@ -25,7 +25,7 @@ from lit_edit.nn.layer_stats import (
     StatsKey,
     input_second_moment,
     model_fingerprint,
-    moment_without,
+    moments_without,
     texts_fingerprint,
 )
 from lit_edit.records import DataFileError
@@ -211,11 +211,26 @@ class CorpusMoments:
         Raises:
             ValueError: when the corpus was cut by ``max_tokens``.
         """
-        moment, n = self.moment(layer)
-        if n >= self.max_tokens:
+        return self.moments_without_subjects([layer], subjects, owner)[0]
+
+    def moments_without_subjects(
+        self, layers: Sequence[str], subjects: Sequence[str], owner: str = "the editor"
+    ) -> list[torch.Tensor]:
+        """:meth:`moment_without_subjects` of several modules, the texts read in one pass.
+
+        Args:
+            layers: Module names (distinct).
+            subjects: The subjects being edited.
+            owner: Who asks (named in the error).
+
+        Raises:
+            ValueError: when the corpus was cut by ``max_tokens``.
+        """
+        moments = [self.moment(layer) for layer in layers]
+        if any(n >= self.max_tokens for _, n in moments):
             raise ValueError(
                 f"{owner}: mom2_exclude_subject needs the whole corpus in C, but it was cut at "
                 f"mom2_max_tokens={self.max_tokens}: raise it or set mom2_exclude_subject: false"
             )
-        return moment_without(moment, n, self.model, self.tokenizer, layer,
-                              self.mentions(subjects), self.max_length, self.batch_size)
+        return moments_without(moments, self.model, self.tokenizer, list(layers),
+                               self.mentions(subjects), self.max_length, self.batch_size)

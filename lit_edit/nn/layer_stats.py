@@ -79,7 +79,6 @@ class _Captured(Exception):
     """Raised by the capture hook once the layer's input is read: ends the forward early."""
 
 
-@torch.no_grad()
 def input_second_moment(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
@@ -110,26 +109,71 @@ def input_second_moment(
     Raises:
         ValueError: on an unknown layer, a non-positive budget, or a corpus with no tokens.
     """
+    moments, n = input_second_moments(model, tokenizer, [layer], texts, max_tokens, max_length,
+                                      batch_size)
+    return moments[0], n
+
+
+@torch.no_grad()
+def input_second_moments(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    layers: Sequence[str],
+    texts: Sequence[str],
+    max_tokens: int,
+    max_length: int = 128,
+    batch_size: int = 16,
+) -> tuple[list[torch.Tensor], int]:
+    """:func:`input_second_moment` of several modules from one pass over ``texts``.
+
+    Each forward stops once every module's input is read (at the last of them); each moment is
+    the one :func:`input_second_moment` gives for its module alone, bit for bit (the same
+    forwards up to that module, the same float64 sums).
+
+    Args:
+        model: A causal LM.
+        tokenizer: Its tokenizer (needs a pad token).
+        layers: Module names (distinct).
+        texts: The corpus, in order.
+        max_tokens: Token budget (> 0).
+        max_length: Truncation length of each text.
+        batch_size: Texts per forward pass.
+
+    Returns:
+        ``(moments, n_tokens)``: one ``(d, d)`` float32 moment per module, in order, and the
+        tokens they average.
+
+    Raises:
+        ValueError: on an unknown or repeated layer, a non-positive budget, or a corpus with no
+            tokens.
+    """
     if max_tokens <= 0:
         raise ValueError(f"max_tokens must be > 0, got {max_tokens}")
     modules = dict(model.named_modules())
-    if layer not in modules:
-        raise ValueError(f"the model has no module {layer!r}")
+    for layer in layers:
+        if layer not in modules:
+            raise ValueError(f"the model has no module {layer!r}")
+    if not layers or len(set(layers)) != len(layers):
+        raise ValueError(f"need distinct module names, got {list(layers)}")
     if tokenizer.pad_token_id is None:
         raise ValueError("the tokenizer needs a pad token to batch the corpus")
-    captured: list[torch.Tensor] = []
+    captured: dict[str, torch.Tensor] = {}
 
-    def capture(_m: nn.Module, args: tuple[Any, ...]) -> None:
-        """Keep the layer's input and stop the forward there (nothing above it is needed)."""
-        captured.append(args[0].detach())
-        raise _Captured
+    def capture(name: str) -> Any:
+        def hook(_m: nn.Module, args: tuple[Any, ...]) -> None:
+            """Keep the input; stop the forward once every module's is kept."""
+            captured[name] = args[0].detach()
+            if len(captured) == len(layers):
+                raise _Captured
 
-    handle = modules[layer].register_forward_pre_hook(capture)
+        return hook
+
+    handles = [modules[layer].register_forward_pre_hook(capture(layer)) for layer in layers]
     device = next(model.parameters()).device
-    total: torch.Tensor | None = None
+    totals: list[torch.Tensor | None] = [None] * len(layers)
     n = 0
-    bar = tqdm(total=max_tokens, unit="tok", desc=f"second moment of {layer}", leave=False,
-               disable=None)  # shown on a terminal only
+    bar = tqdm(total=max_tokens, unit="tok", desc=f"second moment of {', '.join(layers)}",
+               leave=False, disable=None)  # shown on a terminal only
     try:
         for start in range(0, len(texts), batch_size):
             batch = tokenizer(list(texts[start:start + batch_size]), return_tensors="pt",
@@ -141,21 +185,24 @@ def input_second_moment(
                       attention_mask=batch["attention_mask"].to(device))
             except _Captured:
                 pass
-            keys = captured[0].reshape(-1, captured[0].shape[-1])  # (batch·seq, d)
-            keys = keys[batch["attention_mask"].reshape(-1).bool().to(device)]  # (tokens, d)
-            keys = keys[: max_tokens - n].double()
-            part = keys.T @ keys  # (d, d)
-            total = part if total is None else total + part
-            n += keys.shape[0]
-            bar.update(keys.shape[0])
+            real = batch["attention_mask"].reshape(-1).bool().to(device)
+            for i, layer in enumerate(layers):
+                keys = captured[layer].reshape(-1, captured[layer].shape[-1])  # (batch·seq, d)
+                keys = keys[real][: max_tokens - n].double()  # (tokens, d)
+                part = keys.T @ keys  # (d, d)
+                totals[i] = part if totals[i] is None else totals[i] + part
+            step = min(int(real.sum()), max_tokens - n)
+            n += step
+            bar.update(step)
             if n >= max_tokens:
                 break
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
         bar.close()
-    if total is None or n == 0:
-        raise ValueError(f"the corpus gave no tokens for {layer!r}")
-    return (total / n).float(), n
+    if n == 0 or any(t is None for t in totals):
+        raise ValueError(f"the corpus gave no tokens for {list(layers)}")
+    return [(t / n).float() for t in totals], n
 
 
 class LayerStatsCache:
@@ -249,11 +296,44 @@ def moment_without(
     Raises:
         ValueError: if the texts hold all of the corpus's tokens.
     """
+    return moments_without([(moment, n_tokens)], model, tokenizer, [layer], texts, max_length,
+                           batch_size)[0]
+
+
+def moments_without(
+    moments: Sequence[tuple[torch.Tensor, int]],
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    layers: Sequence[str],
+    texts: Sequence[str],
+    max_length: int = 128,
+    batch_size: int = 16,
+) -> list[torch.Tensor]:
+    """:func:`moment_without` of several modules, the texts read once for all of them.
+
+    Args:
+        moments: ``(C, N)`` of each module, in the order of ``layers``.
+        model: The model the moments were computed with.
+        tokenizer: Its tokenizer.
+        layers: The modules (distinct).
+        texts: Texts of the corpus to take out (may be empty).
+        max_length: Truncation length used for the moments.
+        batch_size: Texts per forward pass.
+
+    Returns:
+        One ``(d, d)`` float32 ``C'`` per module, each equal to :func:`moment_without`'s.
+
+    Raises:
+        ValueError: if the texts hold all of a corpus's tokens.
+    """
     if not texts:
-        return moment
-    excluded, n = input_second_moment(model, tokenizer, layer, texts, max_tokens=2**62,
-                                      max_length=max_length, batch_size=batch_size)
-    if n >= n_tokens:
-        raise ValueError(f"taking out {n} of {n_tokens} tokens leaves no statistic")
-    total = moment.double() * n_tokens - excluded.double() * n
-    return (total / (n_tokens - n)).float()
+        return [moment for moment, _ in moments]
+    excluded, n = input_second_moments(model, tokenizer, layers, texts, max_tokens=2**62,
+                                       max_length=max_length, batch_size=batch_size)
+    out = []
+    for (moment, n_tokens), ex in zip(moments, excluded, strict=True):
+        if n >= n_tokens:
+            raise ValueError(f"taking out {n} of {n_tokens} tokens leaves no statistic")
+        total = moment.double() * n_tokens - ex.double() * n
+        out.append((total / (n_tokens - n)).float())
+    return out
