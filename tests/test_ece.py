@@ -21,6 +21,7 @@ from lit_edit.nn.ece_solve import (
     restricted_alphaedit_update,
     restricted_memit_update,
 )
+from lit_edit.nn.fact_tokens import requests_of
 from lit_edit.nn.layout import matrix_layout
 from lit_edit.nn.locate import apply_matrix_update
 from lit_edit.nn.memit_solve import alphaedit_update, memit_update, nullspace_projector
@@ -254,8 +255,37 @@ def test_sequential_batches_keep_earlier_keys_and_roll_back_exactly(
     assert before.differences(editor) == []
 
 
+def test_batch_targets_are_computed_once_before_the_batch(tmp_path, world, records) -> None:
+    """``targets: batch``: one target loop on the unedited model; each cluster takes its rows."""
+    one = {"n_clusters": 1, "mom2_exclude_subject": False}
+    weights = []
+    for targets in ("per_cluster", "batch"):  # one cluster: the two rules are the same edit
+        editor = _editor(tmp_path, world, records, targets=targets, **one)
+        with apply_edit(editor, records):
+            weights.append(editor.model.transformer.h[0].mlp.c_proj.weight.detach().clone())
+    assert torch.equal(weights[0], weights[1])
+
+    editor = _editor(tmp_path, world, records, targets="batch", mom2_exclude_subject=False)
+    requests = requests_of(records)
+    expected = editor._targets(requests)  # [4, d] on the unedited model
+    seen: list[tuple[list[str], torch.Tensor]] = []
+    calls = []
+    solve, compute = editor._edit_cluster, editor._targets
+    editor._edit_cluster = lambda facts, targets, *rest: (
+        seen.append(([f.subject for f in facts], targets)), solve(facts, targets, *rest))
+    editor._targets = lambda facts: (calls.append(len(facts)), compute(facts))[1]
+    with apply_edit(editor, records):
+        pass
+    assert calls == [len(records)] and len(seen) == 2  # one loop, two clusters
+    row = {r.subject: i for i, r in enumerate(requests)}
+    for subjects, targets in seen:
+        assert torch.equal(targets, expected[[row[s] for s in subjects]])
+
+
 def test_bad_settings_are_refused(tmp_path, world, records) -> None:
     with pytest.raises(ValueError, match="neuron_amount"):
         _editor(tmp_path, world, records, neuron_rule="top_k", neuron_amount=0.5)
     with pytest.raises(ValueError, match="solver"):
         _editor(tmp_path, world, records, solver="rome")
+    with pytest.raises(ValueError, match="targets"):
+        _editor(tmp_path, world, records, targets="each")

@@ -50,7 +50,10 @@ class ECEEditor(MemitFamilyEditor):
        first edited layer, spectral clustering (scikit-learn, ``affinity="precomputed"``,
        seeded) into ``n_clusters`` groups.
     3. **Per cluster**, in order: one joint target optimisation over its facts
-       (:func:`~lit_edit.nn.locate.compute_values`), then per layer the solve restricted to
+       (:func:`~lit_edit.nn.locate.compute_values`; ``targets: batch`` instead computes every
+       fact's target once, in one batched loop on the model before the batch — MEMIT's rule,
+       LOCATE_THEN_EDIT.md §3 — and each cluster takes its facts' rows), then per layer the
+       solve restricted to
        the cluster's units ``S_j`` (``neuron_pooling``: ``union`` of the facts' sets, or
        ``sum``: the scores summed over the cluster's facts, then one selection), ``solver``
        ``memit`` (``ΔW_S = R K_Sᵀ (λ C_SS + K_p K_pᵀ|_S + K_S K_Sᵀ)⁻¹``) or ``alphaedit``
@@ -80,6 +83,8 @@ class ECEEditor(MemitFamilyEditor):
         neuron_pooling: ``union`` (the cluster's facts' sets) or ``sum`` (summed scores).
         n_clusters: Clusters per batch (``1``: none; at most the batch size).
         cluster_seed: Seed of the spectral clustering.
+        targets: ``per_cluster`` (each cluster's targets optimised on the model its earlier
+            clusters edited) or ``batch`` (all targets once, before the batch: one loop).
         solver: ``memit`` or ``alphaedit``.
         mom2_update_weight: ``λ`` of the MEMIT solve.
         nullspace_threshold: Relative null-space threshold of the AlphaEdit solve.
@@ -115,6 +120,7 @@ class ECEEditor(MemitFamilyEditor):
         neuron_pooling: Literal["union", "sum"] = "union",
         n_clusters: int = 1,
         cluster_seed: int = 0,
+        targets: Literal["per_cluster", "batch"] = "per_cluster",
         solver: Literal["memit", "alphaedit"] = "memit",
         mom2_update_weight: float = 20000.0,
         nullspace_threshold: float = 1e-2,
@@ -143,6 +149,9 @@ class ECEEditor(MemitFamilyEditor):
         check_value_settings(owner, steps, kl_prompt)
         if solver not in ("memit", "alphaedit"):
             raise ValueError(f"{owner}: solver must be 'memit' or 'alphaedit', got {solver!r}")
+        if targets not in ("per_cluster", "batch"):
+            raise ValueError(f"{owner}: targets must be 'per_cluster' or 'batch', got "
+                             f"{targets!r}")
         if neuron_pooling not in ("union", "sum"):
             raise ValueError(f"{owner}: neuron_pooling must be 'union' or 'sum', got "
                              f"{neuron_pooling!r}")
@@ -170,6 +179,7 @@ class ECEEditor(MemitFamilyEditor):
         self.neuron_score, self.neuron_rule = neuron_score, neuron_rule
         self.neuron_amount, self.neuron_pooling = neuron_amount, neuron_pooling
         self.n_clusters, self.cluster_seed, self.solver = n_clusters, cluster_seed, solver
+        self.targets = targets
         self.mom2_update_weight = mom2_update_weight
         self.nullspace_threshold, self.nullspace_rule, self.l2 = (
             nullspace_threshold, nullspace_rule, l2)
@@ -222,6 +232,7 @@ class ECEEditor(MemitFamilyEditor):
             sets = [self._select(s) for s in scores]  # per matrix [n, d_k] bool
             clusters = cluster_facts(sets[0], self.n_clusters, self.cluster_seed)
             values["ece/clusters"] = float(len(clusters))
+            batch_targets = self._targets(requests) if self.targets == "batch" else None
             within = EditKeys()  # the batch's earlier clusters, preserved by the later ones
             for c, cluster in enumerate(clusters):
                 facts = [requests[i] for i in cluster]
@@ -230,7 +241,10 @@ class ECEEditor(MemitFamilyEditor):
                 for j, matrix in enumerate(self.matrices):
                     key = f"ece/units/{matrix.name}"
                     values[key] = values.get(key, 0.0) + len(units[j]) / len(clusters)
-                self._edit_cluster(facts, units, moments, within, values, 1 / len(clusters))
+                targets = (self._targets(facts) if batch_targets is None
+                           else batch_targets[torch.as_tensor(cluster)])  # [n_c, d]
+                self._edit_cluster(facts, targets, units, moments, within, values,
+                                   1 / len(clusters))
                 if c + 1 < len(clusters):
                     within.push([memit_keys(self.model, self.tokenizer, m.module, facts,
                                             self.templates) for m in self.matrices])
@@ -242,16 +256,19 @@ class ECEEditor(MemitFamilyEditor):
                 for m in self.matrices]  # on the edited model
         return self.edit_keys.record(handle, keys)
 
-    def _edit_cluster(self, facts: list[FactRequest], units: list[torch.Tensor],
-                      moments: list[torch.Tensor], within: EditKeys,
+    def _targets(self, facts: Sequence[FactRequest]) -> torch.Tensor:
+        """``[n, d]`` targets of ``facts`` at the last edited block (one batched loop)."""
+        return compute_values(self.model, self.tokenizer, self._block["block"], facts,
+                              self.templates, **self.value_settings).targets
+
+    def _edit_cluster(self, facts: list[FactRequest], targets: torch.Tensor,
+                      units: list[torch.Tensor], moments: list[torch.Tensor], within: EditKeys,
                       values: dict[str, float], share: float) -> None:
-        """One cluster: its joint target optimisation, then the restricted per-layer solves.
+        """One cluster's restricted per-layer solves towards its ``[n_c, d]`` targets.
 
         ``share`` weighs the cluster's logged values (``1 / clusters``: means over clusters).
         """
         block = self._block["block"]
-        targets = compute_values(self.model, self.tokenizer, block, facts, self.templates,
-                                 **self.value_settings).targets  # [n_c, d]
 
         def solve(j: int, residual: torch.Tensor, keys: torch.Tensor,
                   selected: torch.Tensor) -> torch.Tensor:
