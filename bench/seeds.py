@@ -40,20 +40,19 @@ def world_name(seed: int) -> str:
 
 
 def retarget(node: Any, name: str) -> Any:
-    """Replace each ``tinyfacts``/``tinyfacts-llama``/``tinyfacts-4l``/``tinyfacts-4l-atomic``
-    config string (and its ``-cf`` twin) by world ``name``."""
+    """Replace each ``tinyfacts``/``tinyfacts-llama``/``tinyfacts-4l`` config string (and its
+    ``-cf`` twin) by world ``name``."""
     if isinstance(node, dict):
         return {k: retarget(v, name) for k, v in node.items()}
     if isinstance(node, list):
         return [retarget(v, name) for v in node]
     if node == "tinyfacts":
         return name
-    if node in ("tinyfacts-llama", "tinyfacts-4l", "tinyfacts-4l-atomic"):
+    if node in ("tinyfacts-llama", "tinyfacts-4l"):
         return name.replace("tinyfacts", node, 1)
     if isinstance(node, str) and node.endswith("-cf") and node[:-3] in ("tinyfacts",
                                                                          "tinyfacts-llama",
-                                                                         "tinyfacts-4l",
-                                                                         "tinyfacts-4l-atomic"):
+                                                                         "tinyfacts-4l"):
         return retarget(node[:-3], name) + "-cf"  # a second model of the world (SERAC)
     return node
 

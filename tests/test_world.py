@@ -227,35 +227,6 @@ def test_tokenizer_round_trip_and_pair_split(world: World) -> None:
         assert tok.decode(enc.prompt_ids, skip_special_tokens=True) == r.prompt
 
 
-def test_whole_word_tokens_make_each_name_one_token(world: World) -> None:
-    """``name_tokens``: every name is one token alone and after a space; no other word is cut."""
-    from lit_edit.nn.fact_tokens import requests_of
-    from lit_edit.tokenization import encode_pair as encode
-
-    texts = world.pretraining_texts()
-    names = [n for group in world.entities.values() for n in group] + list(world.aliases)
-    longer = names[0] + "ix"  # a word of the text that starts with a name
-    texts = [*texts, f"{longer} is a word.", f"We met {longer} and {names[0]}."]
-    tok = train_tokenizer(texts, vocab_size=400, whole_words=names)
-    for name in names:
-        for form in (name, " " + name):
-            assert len(tok(form, add_special_tokens=False)["input_ids"]) == 1, form
-    pieces = tok.tokenize(f"We met {longer} and {names[0]}.")
-    assert f" {longer}" in pieces and pieces.count(f" {names[0]}") == 1  # not cut at the name
-    for text in texts[::5]:
-        assert tok.decode(tok(text)["input_ids"], skip_special_tokens=True) == text
-    for r in world.edit_records(10):
-        enc = encode(tok, r.prompt, r.target_new)
-        assert tok.decode(enc.prompt_ids, skip_special_tokens=True) == r.prompt
-        assert len(tok(" " + r.subject, add_special_tokens=False)["input_ids"]) == 1
-    assert requests_of(world.edit_records(3))  # subjects still found by their characters
-    assert "name_tokens" not in TinyLMConfig().to_dict()  # the keys of earlier builds
-    on = TinyLMConfig(name_tokens=True)
-    assert TinyLMConfig.from_dict(on.to_dict()) == on
-    assert cache_module.named_configs("tinyfacts-4l-atomic-seed2")[1] == TinyLMConfig(
-        n_layer=4, name_tokens=True, seed=2)
-
-
 # ------------------------------------------------------------------- pretraining and cache
 def test_small_world_pretraining_learns(built: tuple[Path, Path], world: World) -> None:
     _, path = built

@@ -139,9 +139,7 @@ def _build_into(
     texts = [f"{p.prompt} {p.answer}" for p in pairs]
     log.info("TinyFacts world: %d facts, %d two-hop facts, %d pretraining sequences",
              len(world.facts), len(world.two_hop), len(pairs))
-    names = ([n for group in world.entities.values() for n in group] + list(world.aliases)
-             if model_config.name_tokens else [])
-    tokenizer = train_tokenizer(texts, model_config.vocab_size, names)
+    tokenizer = train_tokenizer(texts, model_config.vocab_size)
     start, cpu_start = time.perf_counter(), time.process_time()
     model = pretrain_model(model_config, tokenizer, pairs, progress_bar=progress_bar)
     train_seconds = time.perf_counter() - start
@@ -240,8 +238,7 @@ def resolve_tinyfacts(name: str, cache_dir: str | os.PathLike | None = None) -> 
     Args:
         name: ``"tinyfacts"`` (default world, tiny GPT-2), ``"tinyfacts-llama"`` (default world,
             tiny LLaMA), ``"tinyfacts-4l"`` (default world, 4-block tiny GPT-2),
-            ``"tinyfacts-wide"`` (default world, tiny GPT-2 with a 2048-wide MLP),
-            ``"tinyfacts-4l-atomic"`` (``tinyfacts-4l`` with every name one token), or any of
+            ``"tinyfacts-wide"`` (default world, tiny GPT-2 with a 2048-wide MLP), or any of
             them with ``-seed<N>`` appended (``"tinyfacts-seed1"``): another world and another
             model, :class:`WorldConfig` and :class:`TinyLMConfig` both seeded with ``N``
             (``-seed0`` is the default); ``-cf`` appended (``"tinyfacts-cf"``,
@@ -265,10 +262,9 @@ def named_configs(name: str) -> tuple[WorldConfig, TinyLMConfig]:
     See :func:`resolve_tinyfacts` for the names.
 
     Raises:
-        ValueError: on a name that is not
-            ``tinyfacts[-llama|-4l|-4l-atomic|-wide][-seed<N>][-cf]``.
+        ValueError: on a name that is not ``tinyfacts[-llama|-4l|-wide][-seed<N>][-cf]``.
     """
-    match = re.fullmatch(r"(tinyfacts(?:-llama|-4l-atomic|-4l|-wide)?)(?:-seed(\d+))?(-cf)?", name)
+    match = re.fullmatch(r"(tinyfacts(?:-llama|-4l|-wide)?)(?:-seed(\d+))?(-cf)?", name)
     configs = default_model_configs()
     if match is None or match.group(1) not in configs:
         raise ValueError(
@@ -290,12 +286,9 @@ def default_model_configs() -> dict[str, TinyLMConfig]:
     (LOCATE_THEN_EDIT.md §9.1). ``tinyfacts-wide`` is the GPT-2 with a 4x wider MLP (2048
     instead of 512): a value matrix of 2048 x 128 for side-memory editors (WISE), whose
     sequential edits overwrite each other in the default 512 x 128 one.
-    ``tinyfacts-4l-atomic`` is ``tinyfacts-4l`` with every entity name and alias one token
-    (``TinyLMConfig.name_tokens``): the subject's last token is the whole subject.
     """
     return {"tinyfacts": TinyLMConfig(arch="gpt2"), "tinyfacts-llama": TinyLMConfig(arch="llama"),
             "tinyfacts-4l": TinyLMConfig(arch="gpt2", n_layer=4),
-            "tinyfacts-4l-atomic": TinyLMConfig(arch="gpt2", n_layer=4, name_tokens=True),
             "tinyfacts-wide": TinyLMConfig(arch="gpt2", intermediate_size=2048)}
 
 

@@ -128,11 +128,6 @@ class TinyLMConfig:
             the answers alone learns far slower), while weighting the answers 8x about halves
             the epochs needed to memorise the default world.
         seed: Seed of the weight initialisation and of the data order.
-        name_tokens: Give every entity name and alias of the world one token of its own (with
-            and without a leading space), added to the trained BPE: a subject is then a single
-            token, so its last token *is* the subject — the premise of locate-then-edit
-            methods, which multi-token names in a 4-block model do not meet (README, ROME).
-            Left out of :meth:`to_dict` (and so of the cache key) when off.
         num_threads: CPU threads the model is trained and measured with. Part of the settings
             and of the cache key: the thread count changes the order of floating-point
             reductions and so the trained weights. The default (1) makes a build a function of
@@ -154,7 +149,6 @@ class TinyLMConfig:
     answer_weight: float = 8.0
     seed: int = 0
     num_threads: int = 1
-    name_tokens: bool = False
 
     def __post_init__(self) -> None:
         if self.arch not in ("gpt2", "llama"):
@@ -182,11 +176,8 @@ class TinyLMConfig:
         return -(-(8 * self.n_embd // 3) // 32) * 32
 
     def to_dict(self) -> dict[str, Any]:
-        """Return the settings as a JSON-serialisable dict (``name_tokens`` only when on)."""
-        out = dataclasses.asdict(self)
-        if not self.name_tokens:
-            del out["name_tokens"]  # the keys of the builds made before the field existed
-        return out
+        """Return the settings as a JSON-serialisable dict."""
+        return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> TinyLMConfig:

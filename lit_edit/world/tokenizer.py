@@ -2,26 +2,15 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 
-from tokenizers import (
-    AddedToken,
-    Tokenizer,
-    decoders,
-    models,
-    pre_tokenizers,
-    processors,
-    trainers,
-)
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
 
 
-def train_tokenizer(
-    texts: Sequence[str], vocab_size: int = 2048, whole_words: Sequence[str] = ()
-) -> PreTrainedTokenizerFast:
+def train_tokenizer(texts: Sequence[str], vocab_size: int = 2048) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE on ``texts``.
 
     The tokenizer has ids 0, 1, 2 for ``<|bos|>``, ``<|eos|>`` and ``<|pad|>``, prepends
@@ -32,9 +21,6 @@ def train_tokenizer(
     Args:
         texts: Training text, e.g. :meth:`World.pretraining_texts`.
         vocab_size: Vocabulary size including the 256 byte symbols and the 3 special tokens.
-        whole_words: Words (or multi-word names) that become one token each, with and without a
-            leading space, after the BPE's ``vocab_size`` ids; matched as whole words only
-            (see :func:`_whole_word_tokens`).
 
     Returns:
         The wrapped tokenizer (``padding_side="left"``, the scoring convention).
@@ -55,8 +41,6 @@ def train_tokenizer(
         show_progress=False,
     )
     tok.train_from_iterator(texts, trainer=trainer)
-    if whole_words:
-        tok.add_tokens(_whole_word_tokens(texts, whole_words))
     bos_id = tok.token_to_id(BOS)
     tok.post_processor = processors.TemplateProcessing(
         single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, bos_id)]
@@ -70,21 +54,3 @@ def train_tokenizer(
         padding_side="left",
         model_max_length=256,
     )
-
-
-def _whole_word_tokens(texts: Sequence[str], words: Sequence[str]) -> list[AddedToken]:
-    """Added tokens for ``words``: each word alone and after a space, as whole words only.
-
-    The form after a space cannot ask the tokenizer for a word boundary (the character before
-    it is the previous word's), so a longer word of ``texts`` that starts with one of ``words``
-    (``Meidae`` after ``Meida``) gets its own tokens too: the longest match wins and no word of
-    the text is cut.
-    """
-    chosen = set(words)
-    pattern = re.compile(r"(?<!\w)(" + "|".join(re.escape(w) for w in sorted(chosen, key=len,
-                                                                          reverse=True))
-                         + r")(\w+)")
-    for text in texts:
-        chosen |= {m.group(1) + m.group(2) for m in pattern.finditer(text)}
-    return [AddedToken(form, single_word=form == word, normalized=False)
-            for word in sorted(chosen) for form in (word, " " + word)]
