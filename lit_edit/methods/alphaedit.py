@@ -10,7 +10,8 @@ import torch
 
 from lit_edit.backbone import Backbone
 from lit_edit.editing import EditHandle
-from lit_edit.methods.base_locate import MemitFamilyEditor
+from lit_edit.locate_family import MemitFamily
+from lit_edit.methods.base import EditorModule
 from lit_edit.nn.fact_tokens import FactRequest, requests_of
 from lit_edit.nn.locate import check_value_settings
 from lit_edit.nn.memit_solve import (
@@ -24,7 +25,7 @@ from lit_edit.records import EditRecord
 log = logging.getLogger(__name__)
 
 
-class AlphaEditEditor(MemitFamilyEditor):
+class AlphaEditEditor(MemitFamily, EditorModule):
     """AlphaEdit: MEMIT whose updates cannot move the outputs of the preserved keys.
 
     The pipeline is MEMIT's (:class:`~lit_edit.methods.memit.MEMITEditor`,

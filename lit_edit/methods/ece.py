@@ -9,7 +9,8 @@ import torch
 
 from lit_edit.backbone import Backbone
 from lit_edit.editing import EditHandle, restored_on_error
-from lit_edit.methods.base_locate import MemitFamilyEditor
+from lit_edit.locate_family import MemitFamily
+from lit_edit.methods.base import EditorModule
 from lit_edit.nn.ece_solve import (
     apply_columns,
     restricted_alphaedit_update,
@@ -33,7 +34,7 @@ from lit_edit.nn.neurons import (
 from lit_edit.records import EditRecord
 
 
-class ECEEditor(MemitFamilyEditor):
+class ECEEditor(MemitFamily, EditorModule):
     """ECE: per-fact neuron attribution, clustering of the facts, restricted MEMIT-family solves.
 
     The paper's method, as far as its abstract says and LOCATE_THEN_EDIT.md §7.7 reconstructs

@@ -8,7 +8,8 @@ import torch
 
 from lit_edit.backbone import Backbone
 from lit_edit.editing import EditHandle
-from lit_edit.methods.base_locate import MemitFamilyEditor
+from lit_edit.locate_family import MemitFamily
+from lit_edit.methods.base import EditorModule
 from lit_edit.nn.fact_tokens import requests_of
 from lit_edit.nn.locate import check_value_settings
 from lit_edit.nn.memit_solve import (
@@ -19,7 +20,7 @@ from lit_edit.nn.memit_solve import (
 from lit_edit.records import EditRecord
 
 
-class MEMITEditor(MemitFamilyEditor):
+class MEMITEditor(MemitFamily, EditorModule):
     """MEMIT: write a batch of facts into the MLP output matrices of several blocks.
 
     For ``n`` edits ``(prompt, subject, target_new)`` and layers ``l₁ < … < l_L``

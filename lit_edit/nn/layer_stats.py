@@ -160,6 +160,8 @@ def input_second_moments(
     captured: dict[str, torch.Tensor] = {}
 
     def capture(name: str) -> Any:
+        """The pre-hook of module ``name``: it keeps the module's input."""
+
         def hook(_m: nn.Module, args: tuple[Any, ...]) -> None:
             """Keep the input; stop the forward once every module's is kept."""
             captured[name] = args[0].detach()

@@ -1,4 +1,4 @@
-"""The editor base MEMIT, AlphaEdit and ECE share (a neutral home, not one method's file)."""
+"""What the editors on MEMIT's pipeline (MEMIT, AlphaEdit, ECE) share: a mixin, no method's file."""
 
 from __future__ import annotations
 
@@ -6,17 +6,19 @@ from collections.abc import Sequence
 
 import torch
 
-from lit_edit.methods.base import EditorModule
 from lit_edit.nn.corpus_moments import CorpusMoments
 from lit_edit.nn.fact_tokens import FactRequest
 from lit_edit.nn.memit_solve import EditKeys, edited_matrices, last_block, memit_prefixes
 
 
-class MemitFamilyEditor(EditorModule):
+class MemitFamily:
     """The parts of an editor built on MEMIT's pipeline (``lit_edit.nn.memit_solve``).
 
-    Subclasses call :meth:`setup_family` from their ``__init__`` (after their own checks) with
-    the settings every member has; they keep their own signature (it is the CLI's help).
+    A mixin placed before :class:`~lit_edit.methods.base.EditorModule` in an editor's bases
+    (``class MEMITEditor(MemitFamily, EditorModule)``): it uses the editor's ``model``,
+    ``tokenizer`` and ``backbone``. Editors call :meth:`setup_family` from their ``__init__``
+    (after their own checks) with the settings every member has; they keep their own signature
+    (it is the CLI's help).
     """
 
     def setup_family(
